@@ -1,0 +1,17 @@
+"""Settings for the test suite: real PostgreSQL and Redis, isolated queue and channel.
+
+Each test session gets its own Celery queue and signal channel, so it can share a Redis
+with other sessions (or a developer's running worker) without stealing their messages.
+"""
+
+import uuid
+
+from .base import *  # noqa: F403
+from .base import env
+
+SECRET_KEY = "django-insecure-test-only"  # noqa: S105
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+_session = uuid.uuid4().hex[:10]
+CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", default=f"test-{_session}")
+TASKSIGNAL_CHANNEL = env("TASKSIGNAL_CHANNEL", default=f"test-{_session}:tasksignal")

@@ -1,0 +1,1 @@
+"""Demo tasks: one of each shape a real service has, all signal-aware but ``add``."""

@@ -1,0 +1,97 @@
+"""Demo tasks, one per shape of work the escalation ladder must stop.
+
+=====================  ==========================================  =====================
+task                   what it does                                a cancel ends it by
+=====================  ==========================================  =====================
+``add``                plain Celery task                           (not signal-aware)
+``cooperative_job``    steps with checkpoints and progress         ``cooperative``
+``sleepy_job``         one long ``time.sleep``                      ``interrupted``
+``wait_for_io_job``    blocks reading a socket nobody writes to    ``interrupted``
+``gil_job``            C code holding the GIL (``sum(range(n))``)  ``killed``
+``write_records``      inserts rows inside one transaction         ``cooperative``, rollback
+``sibling_job``        never cancelled; its result is checkable    (collateral check)
+=====================  ==========================================  =====================
+"""
+
+import socket
+import time
+
+from celery import shared_task
+from django.db import transaction
+
+from demo.models import DemoRecord
+from tasksignal.base import SignalAwareTask
+
+
+@shared_task
+def add(x: int, y: int) -> int:
+    """Return ``x + y``: the smallest possible task, for smoke tests."""
+    return x + y
+
+
+def set_step_seconds(task, signal) -> None:
+    """Handler of the demo's own signal kind: change a running job's pace."""
+    task.run_state["step_seconds"] = float(signal.message)
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def cooperative_job(self, steps: int = 100, step_seconds: float = 0.1) -> dict:
+    """Work in steps, checking for signals between them; pace changes with ``set_step_seconds``."""
+    self.run_state["step_seconds"] = step_seconds
+    for step in range(steps):
+        self.checkpoint()
+        time.sleep(self.run_state["step_seconds"])
+        self.set_progress(step + 1, steps)
+    return {"steps": steps, "step_seconds": self.run_state["step_seconds"]}
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def sleepy_job(self, seconds: float = 60.0) -> float:
+    """Sleep without a single checkpoint: only an interrupt stops it early."""
+    time.sleep(seconds)
+    return seconds
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def wait_for_io_job(self, seconds: float = 60.0) -> str:
+    """Block on a socket read (as on a slow HTTP call); only an interrupt stops it early."""
+    reader, writer = socket.socketpair()
+    self.add_cleanup(reader.close)
+    self.add_cleanup(writer.close)
+    reader.settimeout(seconds)
+    try:
+        reader.recv(1)
+    except TimeoutError:
+        return "timed out"
+    finally:
+        reader.close()
+        writer.close()
+    return "read"
+
+
+@shared_task(base=SignalAwareTask, bind=True, kill_after=3.0)
+def gil_job(self, n: int = 10**11) -> int:
+    """Run C code that holds the GIL: no thread of this process runs until it returns."""
+    return sum(range(n))
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def write_records(self, batch: str, rows: int = 20, step_seconds: float = 0.05) -> int:
+    """Insert ``rows`` rows in one transaction; a cancel leaves none of them behind."""
+    with transaction.atomic():
+        for number in range(rows):
+            self.checkpoint()
+            DemoRecord.objects.create(batch=batch, number=number)
+            time.sleep(step_seconds)
+    return rows
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def sibling_job(self, seed: int, steps: int = 10, step_seconds: float = 0.05) -> int:
+    """Never cancelled in the load test: must return ``seed * 2 + steps``."""
+    total = seed * 2
+    for _ in range(steps):
+        self.checkpoint()
+        time.sleep(step_seconds)
+        total += 1
+    return total

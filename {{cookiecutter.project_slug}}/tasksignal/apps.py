@@ -1,0 +1,16 @@
+"""App configuration: wires the worker-process hooks when Django is ready."""
+
+from django.apps import AppConfig
+
+
+class TaskSignalConfig(AppConfig):
+    """Registers the in-worker runtime with Celery's worker process signals."""
+
+    name = "tasksignal"
+    verbose_name = "Task signals"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from tasksignal import runtime
+
+        runtime.connect_worker_signals()

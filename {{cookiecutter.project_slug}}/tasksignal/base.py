@@ -1,0 +1,182 @@
+"""``SignalAwareTask``: a Celery task base whose runs can be cancelled, paused and resumed.
+
+Consumer side (the task)::
+
+    from celery import shared_task
+
+    from tasksignal.base import SignalAwareTask
+
+
+    @shared_task(base=SignalAwareTask, bind=True, cancel_grace=2.0, kill_after=10.0)
+    def resize_images(self, paths):
+        for done, path in enumerate(paths):
+            self.checkpoint()  # raises TaskCancelled, or blocks while paused
+            resize(path)
+            self.set_progress(done + 1, len(paths))
+        return len(paths)
+
+Producer side (anywhere in Django: a view, the admin, the shell, another task)::
+
+    from tasksignal.models import CeleryTaskSignal
+
+    result = resize_images.delay(paths)
+    CeleryTaskSignal.objects.cancel(result.id, message="user pressed stop")
+
+The escalation ladder for a cancel (defaults in ``tasksignal/conf.py``):
+
+1. **Skipped**: cancelled before it started, the body never runs.
+2. **Cooperative**: the next ``checkpoint()`` raises :class:`TaskCancelled`.
+3. **Interrupted**: no checkpoint within ``cancel_grace`` seconds; ``TaskCancelled`` is
+   raised in the task's thread wherever it is (``time.sleep``, socket I/O, Python loops).
+4. **Killed**: still running ``kill_after`` seconds after the cancel (C code holding the
+   GIL, or a bare ``except:`` swallowing the interrupt); the worker's main process kills
+   that child process only after proving it still runs this task (``supervisor.py``).
+
+Whatever the step, the run ends in Celery state ``REVOKED`` and its signal row is
+completed exactly once with the step as ``outcome``. On steps 2 and 3 cleanup runs in the
+task process: the task's open transactions roll back as ``TaskCancelled`` unwinds them,
+``on_cancel`` and the callbacks given to ``add_cleanup`` run once, processes the task
+started are terminated, and a database connection cut mid-query is closed. On step 4
+only the task's subprocesses are reaped: a killed process runs no Python cleanup.
+
+Limits: interrupts and kills need the prefork pool (see the README for solo, threads and
+gevent); ``checkpoint()`` costs an attribute read when nothing is pending.
+"""
+
+import logging
+
+from celery.contrib.django.task import DjangoTask
+from celery.exceptions import Ignore
+from django.db import connections
+
+from tasksignal import conf
+from tasksignal.exceptions import TaskCancelled
+from tasksignal.models import CeleryTaskSignal
+from tasksignal.runtime import Run, runtime
+
+logger = logging.getLogger(__name__)
+
+
+class SignalAwareTask(DjangoTask):
+    """A Celery task whose running instances obey :class:`CeleryTaskSignal` rows."""
+
+    abstract = True
+
+    #: Seconds after a cancel before a task that has not reached a checkpoint is
+    #: interrupted. ``None`` means the ``TASKSIGNAL_CANCEL_GRACE`` setting.
+    cancel_grace: float | None = None
+
+    #: Seconds after a cancel at which a task still running is killed (prefork only).
+    #: ``None`` means the ``TASKSIGNAL_KILL_AFTER`` setting.
+    kill_after: float | None = None
+
+    def resolved_cancel_grace(self) -> float:
+        """``cancel_grace``, or the setting when the task does not set it."""
+        return conf.get("TASKSIGNAL_CANCEL_GRACE") if self.cancel_grace is None else self.cancel_grace
+
+    def resolved_kill_after(self) -> float:
+        """``kill_after``, or the setting when the task does not set it."""
+        return conf.get("TASKSIGNAL_KILL_AFTER") if self.kill_after is None else self.kill_after
+
+    # -- called from the task body ----------------------------------------------------
+    def checkpoint(self) -> None:
+        """React to pending signals: raise :class:`TaskCancelled`, block while paused, or run
+        registered handlers. Costs an attribute read when nothing is pending.
+        """
+        run = runtime.current
+        if run is not None and run.attention:
+            runtime.handle_attention(self, run)
+
+    def set_progress(self, current: float, total: float | None = None, message: str = "") -> None:
+        """Report progress; it reaches the ``TaskRun`` record with the next batched write."""
+        run = runtime.current
+        if run is not None:
+            runtime.record(
+                run, progress_current=current, progress_total=total, progress_message=message[:255]
+            )
+
+    def add_cleanup(self, callback, *args, **kwargs):
+        """Run ``callback(*args, **kwargs)`` if this run is cancelled (last added, first run).
+
+        Returns ``callback``, so it also works as a decorator inside the task body.
+        """
+        run = runtime.current
+        if run is None:
+            raise RuntimeError("add_cleanup() is only available inside a running task")
+        run.cleanups.append((callback, args, kwargs))
+        return callback
+
+    @property
+    def run_state(self) -> dict:
+        """A dict private to the current run, shared with custom signal handlers."""
+        run = runtime.current
+        if run is None:
+            raise RuntimeError("run_state is only available inside a running task")
+        return run.state
+
+    def on_cancel(self, exc: TaskCancelled) -> None:
+        """Override to clean up after a cancel (called once, after transactions rolled back)."""
+
+    # -- Celery integration -------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        request = self.request
+        if request.called_directly:
+            return super().__call__(*args, **kwargs)
+        run = runtime.begin(request.id, self.name, request.hostname or "", self.resolved_cancel_grace())
+        try:
+            if run.cancel is not None:
+                raise TaskCancelled(request.id, CeleryTaskSignal.Outcome.SKIPPED)
+            # Celery's trace has already pushed the request: call run(), not super().
+            result = self.run(*args, **kwargs)
+            run.finished = True
+        except TaskCancelled as exc:
+            run.finished = True
+            self._finish_cancelled(run, exc)
+        except BaseException:
+            if run.interrupted:  # task code turned our interrupt into another exception
+                run.finished = True
+                self._finish_cancelled(run, TaskCancelled(request.id, "interrupted"))
+            runtime.end(run, "failed")
+            raise
+        runtime.end(run, "succeeded")
+        return result
+
+    def _finish_cancelled(self, run: Run, exc: TaskCancelled):
+        outcome = CeleryTaskSignal.Outcome.INTERRUPTED if run.interrupted else exc.outcome
+        if outcome == CeleryTaskSignal.Outcome.SKIPPED:
+            cleanup_ok = True
+        else:
+            cleanup_ok = self._clean_up(run, exc, outcome)
+        cancel_id = (run.cancel or {}).get("id")
+        try:
+            if cancel_id is not None:
+                CeleryTaskSignal.objects.filter(pk=cancel_id).complete(outcome)
+        except Exception:
+            logger.exception("could not complete cancel %s of %s; the sweep will", cancel_id, run.task_id)
+        runtime.end(run, "cancelled")
+        reason = f"cancelled ({outcome})" + ("" if cleanup_ok else ", cleanup failed")
+        self.backend.mark_as_revoked(run.task_id, reason, request=self.request)
+        logger.info("task %s[%s] %s", self.name, run.task_id, reason)
+        # Ignore: the trace stores nothing more, so REVOKED stays the final state.
+        raise Ignore(reason)
+
+    def _clean_up(self, run: Run, exc: TaskCancelled, outcome: str) -> bool:
+        ok = True
+        if outcome == CeleryTaskSignal.Outcome.INTERRUPTED:
+            # The interrupt may have landed mid-query; such a connection cannot be reused.
+            for connection in connections.all(initialized_only=True):
+                connection.close()
+        callbacks = [(self.on_cancel, (exc,), {}), *reversed(run.cleanups)]
+        run.cleanups.clear()
+        for callback, args, kwargs in callbacks:
+            try:
+                callback(*args, **kwargs)
+            except Exception:
+                ok = False
+                logger.exception("cleanup %r of task %s failed", callback, run.task_id)
+        try:
+            runtime.reap_subprocesses()
+        except Exception:
+            ok = False
+            logger.exception("could not reap the subprocesses of task %s", run.task_id)
+        return ok

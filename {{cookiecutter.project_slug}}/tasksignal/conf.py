@@ -1,0 +1,39 @@
+"""Settings of the tasksignal app, with their defaults, read when used (never at import).
+
+``TASKSIGNAL_CANCEL_GRACE``
+    Seconds a task has after a cancel to reach a checkpoint before it is interrupted.
+``TASKSIGNAL_KILL_AFTER``
+    Seconds after a cancel at which a task still running is killed (prefork only).
+``TASKSIGNAL_RECONCILE_INTERVAL``
+    Seconds between reads of pending signals from the database, which cover notifications
+    lost while Redis was away or before a worker subscribed.
+``TASKSIGNAL_REDIS_URL`` / ``TASKSIGNAL_CHANNEL``
+    Where notifications are published.
+``TASKSIGNAL_RECORD_RUNS``
+    Keep a :class:`~tasksignal.models.TaskRun` record of each signal-aware run.
+``TASKSIGNAL_SIGNAL_EXPIRY``
+    Seconds after which a pending signal for a task that never ran is expired.
+``TASKSIGNAL_RETENTION``
+    Seconds completed signals and finished runs are kept before the sweep deletes them.
+``TASKSIGNAL_STARTABLE_TASKS``
+    Task names the JSON API may start.
+"""
+
+from django.conf import settings
+
+DEFAULTS = {
+    "TASKSIGNAL_CANCEL_GRACE": 1.0,
+    "TASKSIGNAL_KILL_AFTER": 5.0,
+    "TASKSIGNAL_RECONCILE_INTERVAL": 2.0,
+    "TASKSIGNAL_REDIS_URL": "redis://127.0.0.1:6379/0",
+    "TASKSIGNAL_CHANNEL": "tasksignal",
+    "TASKSIGNAL_RECORD_RUNS": True,
+    "TASKSIGNAL_SIGNAL_EXPIRY": 24 * 3600.0,
+    "TASKSIGNAL_RETENTION": 7 * 24 * 3600.0,
+    "TASKSIGNAL_STARTABLE_TASKS": (),
+}
+
+
+def get(name: str):
+    """Return the setting ``name``, or its default from :data:`DEFAULTS`."""
+    return getattr(settings, name, DEFAULTS[name])

@@ -1,0 +1,205 @@
+"""The durable side of task signalling: signal rows and the record of task runs."""
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import Q
+from django.db.models.functions import Coalesce, Now
+
+from tasksignal import registry
+from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
+
+
+class CeleryTaskSignalQuerySet(models.QuerySet):
+    """Queries over signals, named for what they mean."""
+
+    def pending(self, task_id: str | None = None, signal: str | None = None):
+        """Signals not completed yet, optionally for one task and/or of one kind."""
+        qs = self.filter(completed=False)
+        if task_id is not None:
+            qs = qs.filter(task_id=task_id)
+        if signal is not None:
+            qs = qs.filter(signal=signal)
+        return qs
+
+    def complete(self, outcome: str) -> int:
+        """Mark these pending signals completed with ``outcome``, stamped by the database clock.
+
+        Returns how many rows this call completed; a row another process completed first is
+        left alone, which is what makes completion happen exactly once.
+        """
+        return self.filter(completed=False).update(
+            completed=True,
+            outcome=outcome,
+            completed_at=Now(),
+            acknowledged_at=Coalesce("acknowledged_at", Now()),
+            modified=Now(),
+        )
+
+
+class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuerySet)):
+    """Sends signals: commits the row, then notifies the workers after the commit."""
+
+    def send(self, task_id: str, signal: str, message: str = "", requested_by=None):
+        """Ask the task ``task_id`` to act on ``signal``; return the pending signal row.
+
+        Sending a signal that is already pending for the task returns the existing row
+        (at most one pending signal per task and kind). Raises
+        :class:`~tasksignal.exceptions.UnknownSignal` for an unregistered kind. Inside an
+        outer transaction the notification waits for that transaction's commit.
+        """
+        from tasksignal import notify
+
+        registry.get_signal_kind(signal)
+        with transaction.atomic():
+            row, created = self.get_or_create(
+                task_id=task_id,
+                signal=signal,
+                completed=False,
+                defaults={"message": message, "requested_by": requested_by},
+            )
+            if created:
+                # created is stamped by the database; read it back so callers see it.
+                row.refresh_from_db(fields=["created", "modified"])
+                transaction.on_commit(lambda: notify.publish(row))
+        return row
+
+    def send_many(self, task_ids, signal: str, message: str = "", requested_by=None) -> list:
+        """Send ``signal`` to each of ``task_ids``; return the pending rows, one per task."""
+        return [self.send(task_id, signal, message, requested_by) for task_id in task_ids]
+
+    def cancel(self, task_id: str, message: str = "", requested_by=None):
+        """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder."""
+        return self.send(task_id, CANCEL_TASK, message, requested_by)
+
+    def pause(self, task_id: str, message: str = "", requested_by=None):
+        """Send ``pause_task``: the task blocks at its next checkpoint until resumed."""
+        return self.send(task_id, PAUSE_TASK, message, requested_by)
+
+    def resume(self, task_id: str, message: str = "", requested_by=None):
+        """Send ``resume_task``: a paused task carries on from its checkpoint."""
+        return self.send(task_id, RESUME_TASK, message, requested_by)
+
+
+class CeleryTaskSignal(models.Model):
+    """A request to a (running or future) Celery task, and what became of it.
+
+    The row is the source of truth: notifications only make delivery fast. ``created``
+    and ``completed_at`` come from the database clock, so their difference is the
+    signal's latency whatever the clocks of the machines involved.
+    """
+
+    CANCEL_TASK = CANCEL_TASK
+    PAUSE_TASK = PAUSE_TASK
+    RESUME_TASK = RESUME_TASK
+
+    class Outcome(models.TextChoices):
+        COOPERATIVE = "cooperative", "Stopped at a checkpoint"
+        INTERRUPTED = "interrupted", "Interrupted"
+        KILLED = "killed", "Killed"
+        SKIPPED = "skipped", "Cancelled before it started"
+        TOO_LATE = "too_late", "Task had already finished"
+        EXPIRED = "expired", "Task never ran"
+        PAUSED = "paused", "Paused"
+        RESUMED = "resumed", "Resumed"
+        NOT_PAUSED = "not_paused", "Was not paused"
+        HANDLED = "handled", "Handled by the task"
+        FAILED = "failed", "Handler failed"
+
+    task_id = models.CharField(max_length=255, db_index=True)
+    signal = models.CharField(max_length=32, choices=registry.signal_choices)
+    message = models.TextField(blank=True, help_text="Optional text for the task to read.")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    completed = models.BooleanField(default=False)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, blank=True)
+    created = models.DateTimeField(db_default=Now(), editable=False)
+    modified = models.DateTimeField(db_default=Now(), editable=False)
+    acknowledged_at = models.DateTimeField(null=True, blank=True, editable=False)
+    completed_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = CeleryTaskSignalManager()
+
+    class Meta:
+        ordering = ["modified"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task_id", "signal"],
+                condition=Q(completed=False),
+                name="tasksignal_one_pending_signal_per_task",
+                violation_error_message="This signal is already pending for this task.",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["created"], condition=Q(completed=False), name="tasksignal_pending"),
+        ]
+
+    def __str__(self) -> str:
+        state = self.outcome or ("completed" if self.completed else "pending")
+        return f"{self.signal} → {self.task_id} ({state})"
+
+    def mark_completed(self, outcome: str = Outcome.HANDLED, save: bool = True) -> bool:
+        """Complete this signal with ``outcome``; return False if it was already completed.
+
+        With ``save=False`` only the instance changes (for callers that save it
+        themselves); with ``save=True`` the update is conditional, so it happens once.
+        """
+        if self.completed:
+            return False
+        if save:
+            done = type(self).objects.filter(pk=self.pk).complete(outcome) == 1
+            self.refresh_from_db()
+            return done
+        from django.utils import timezone
+
+        now = timezone.now()
+        self.completed, self.outcome, self.completed_at = True, outcome, now
+        self.acknowledged_at = self.acknowledged_at or now
+        return True
+
+
+class TaskRun(models.Model):
+    """What a signal-aware task run is doing, for operators (admin, API, command line).
+
+    Written from the worker in batches a few times a second, not once per event, so it
+    costs the task nothing it would notice; it can lag the task by that much.
+    """
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        PAUSED = "paused", "Paused"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    FINISHED_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255, db_index=True)
+    state = models.CharField(max_length=16, choices=State.choices, db_index=True)
+    worker = models.CharField(max_length=255, blank=True)
+    pid = models.IntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    progress_current = models.FloatField(null=True, blank=True)
+    progress_total = models.FloatField(null=True, blank=True)
+    progress_message = models.CharField(max_length=255, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.task_id} ({self.state})"
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the run has ended, whichever way."""
+        return self.state in self.FINISHED_STATES
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction done, 0..1, when the task reported a total."""
+        if self.progress_current is None or not self.progress_total:
+            return None
+        return min(1.0, self.progress_current / self.progress_total)

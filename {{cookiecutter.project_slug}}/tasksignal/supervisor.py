@@ -1,0 +1,164 @@
+"""The last step of the ladder: kill a cancelled task that is still running, and only it.
+
+A worker bootstep, so it lives in the worker's main process, the one process that can act
+on a child whose task holds the GIL in C code (no thread inside that child can run then).
+Every ``SUPERVISE_INTERVAL`` it asks the database which of this worker's running
+signal-aware tasks have a pending cancel, and schedules a check at ``created + kill_after``
+(the database clock gives the cancel's age, so the deadline is exact even when the cancel
+is learnt late). At the deadline, if the task is still running:
+
+1. ``SIGSTOP`` the child. A stopped process cannot change its memory or start a task.
+2. Read the child's slot (``slots.py``). If it names another task, or none, the child
+   moved on: ``SIGCONT`` it and do nothing. This is the synchronisation step that
+   ``revoke(terminate=True)`` lacks (it signals whatever the pid runs by then).
+3. Otherwise kill the processes the task started, then the child with
+   ``Request.terminate(pool, SIGKILL)``: Celery records the run as ``REVOKED`` and
+   billiard starts a fresh child. The signal row is completed with outcome ``killed``.
+
+Timer callbacks run in the worker's event loop, the same thread that owns the requests
+and the pool, so no lock is needed around them.
+"""
+
+import logging
+import os
+import signal
+
+import psutil
+from celery import bootsteps
+from celery.worker import state as worker_state
+
+from tasksignal.slots import read_slot, slot_dir, slot_path
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between looks at this worker's cancelled tasks; a deadline learnt late is
+#: still met because it is computed from the cancel's age.
+SUPERVISE_INTERVAL = 0.5
+
+
+class CancelSupervisor(bootsteps.StartStopStep):
+    """Worker bootstep that kills cancelled tasks past their ``kill_after`` deadline."""
+
+    requires = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.worker = worker
+        self.deadlines: dict[str, object] = {}
+        self.tref = None
+
+    def start(self, worker) -> None:
+        """Begin watching; runs once the pool exists."""
+        _remove_stale_slots()
+        self.tref = worker.timer.call_repeatedly(SUPERVISE_INTERVAL, self.supervise)
+
+    def stop(self, worker) -> None:
+        """Stop watching and drop scheduled checks."""
+        for entry in [self.tref, *self.deadlines.values()]:
+            if entry is not None:
+                entry.cancel()
+        self.deadlines.clear()
+
+    def supervise(self) -> None:
+        """Schedule a kill check for each running task with a pending cancel."""
+        from django.db import DatabaseError, connections
+
+        try:
+            self._schedule_deadlines()
+        except DatabaseError as exc:
+            logger.warning("cancel supervisor cannot read signals: %s", exc)
+            connections["default"].close()
+        except Exception:
+            logger.exception("cancel supervisor error; carrying on")
+
+    def _schedule_deadlines(self) -> None:
+        from django.db.models import DurationField, ExpressionWrapper, F
+        from django.db.models.functions import Now
+
+        from tasksignal.base import SignalAwareTask
+        from tasksignal.models import CeleryTaskSignal
+
+        running = {
+            request.id: request
+            for request in list(worker_state.active_requests)
+            if request.worker_pid
+            and request.worker_pid != os.getpid()  # solo/threads pools: never kill the worker
+            and isinstance(request.task, SignalAwareTask)
+        }
+        for task_id in [t for t in self.deadlines if t not in running]:
+            self.deadlines.pop(task_id).cancel()
+        unscheduled = [task_id for task_id in running if task_id not in self.deadlines]
+        if not unscheduled:
+            return
+        cancels = (
+            CeleryTaskSignal.objects.pending(signal=CeleryTaskSignal.CANCEL_TASK)
+            .filter(task_id__in=unscheduled)
+            .annotate(age=ExpressionWrapper(Now() - F("created"), output_field=DurationField()))
+            .values_list("task_id", "id", "age")
+        )
+        for task_id, signal_id, age in cancels:
+            kill_after = running[task_id].task.resolved_kill_after()
+            delay = max(0.0, kill_after - age.total_seconds())
+            self.deadlines[task_id] = self.worker.timer.call_after(
+                delay, self.kill_if_still_running, (task_id, signal_id)
+            )
+
+    def kill_if_still_running(self, task_id: str, signal_id: int) -> bool:
+        """Kill the child running ``task_id`` if, frozen, it is proven to still run it.
+
+        When it does not kill, the next ``supervise()`` schedules another check for as long
+        as the task stays active (for example while the child is still starting it).
+        """
+        self.deadlines.pop(task_id, None)
+        request = next((r for r in list(worker_state.active_requests) if r.id == task_id), None)
+        if request is None or not request.worker_pid:
+            return False
+        pid = request.worker_pid
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return False
+        killed = False
+        try:
+            running_now = read_slot(pid)
+            if running_now != task_id:
+                logger.info("not killing pid %s: it runs %s now, not %s", pid, running_now, task_id)
+                return False
+            for descendant in _descendants(pid):
+                descendant.kill()
+            request.terminate(self.worker.pool, signal="SIGKILL")
+            killed = True
+        finally:
+            if not killed:
+                os.kill(pid, signal.SIGCONT)
+        slot_path(pid).unlink(missing_ok=True)
+        self._record_kill(task_id, signal_id)
+        logger.warning("killed pid %s to stop cancelled task %s", pid, task_id)
+        return True
+
+    @staticmethod
+    def _record_kill(task_id: str, signal_id: int) -> None:
+        from django.utils import timezone
+
+        from tasksignal.models import CeleryTaskSignal, TaskRun
+
+        CeleryTaskSignal.objects.filter(pk=signal_id).complete(CeleryTaskSignal.Outcome.KILLED)
+        TaskRun.objects.filter(task_id=task_id).update(
+            state=TaskRun.State.CANCELLED, finished_at=timezone.now()
+        )
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _remove_stale_slots() -> None:
+    """Delete slots of processes that no longer exist (children killed by time limits)."""
+    if not slot_dir().is_dir():
+        return
+    for path in slot_dir().glob("*.slot"):
+        if path.stem.isdigit() and not psutil.pid_exists(int(path.stem)):
+            path.unlink(missing_ok=True)

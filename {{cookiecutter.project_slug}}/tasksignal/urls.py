@@ -1,0 +1,4 @@
+"""URLs of the tasksignal JSON API, mounted under ``/api/``."""
+
+app_name = "tasksignal"
+urlpatterns: list = []
