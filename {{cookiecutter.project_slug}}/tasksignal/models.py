@@ -166,6 +166,7 @@ class TaskRun(models.Model):
     """
 
     class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
         PAUSED = "paused", "Paused"
         SUCCEEDED = "succeeded", "Succeeded"

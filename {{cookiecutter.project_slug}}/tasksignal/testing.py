@@ -1,0 +1,153 @@
+"""Run a real Celery worker subprocess, for tests, benchmarks and the load test.
+
+Never eager mode: signalling is about processes, so it is tested with processes::
+
+    with WorkerProcess(concurrency=2, env={"DATABASE_URL": url}) as worker:
+        result = my_task.delay()
+        ...
+
+The worker is started through ``bin/worker`` (the same script production and compose
+run), in its own process group, and stopped with a warm shutdown (SIGTERM); whatever is
+still alive after ``stop_timeout`` is killed with its whole group, so a test never leaves
+orphans behind.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+from django.conf import settings
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """A ``celery worker`` subprocess on this project's queue and signal channel.
+
+    ``env`` adds to (and overrides) the environment; the queue, the channel and the
+    settings module default to the current process's so that tasks sent from here reach it.
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        hostname: str | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+        log_path: Path | None = None,
+        ready_timeout: float = 30.0,
+        stop_timeout: float = 20.0,
+    ) -> None:
+        self.hostname = hostname or f"worker-{uuid.uuid4().hex[:8]}@%h"
+        self.concurrency = concurrency
+        self.pool = pool
+        self.extra_args = extra_args
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / (  # noqa: S108
+            f"{self.hostname.split('@')[0]}.log"
+        )
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": os.environ.get(
+                "DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE
+            ),
+            "CELERY_TASK_DEFAULT_QUEUE": settings.CELERY_TASK_DEFAULT_QUEUE,
+            "TASKSIGNAL_CHANNEL": settings.TASKSIGNAL_CHANNEL,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def node_name(self) -> str:
+        """The worker's node name as Celery reports it (``%h`` expanded)."""
+        from celery.utils.nodenames import host_format
+
+        return host_format(self.hostname)
+
+    def start(self) -> "WorkerProcess":
+        """Start the worker and wait until it answers a ping."""
+        from celery import current_app
+
+        command = [
+            str(PROJECT_DIR / "bin" / "worker"),
+            "--pool",
+            self.pool,
+            "--concurrency",
+            str(self.concurrency),
+            "--hostname",
+            self.hostname,
+            "--without-mingle",
+            "--without-gossip",
+            *self.extra_args,
+        ]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            cwd=PROJECT_DIR,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}: {self.log_tail()}")
+            if current_app.control.ping(destination=[self.node_name], timeout=0.5):
+                return self
+        self.kill()
+        raise RuntimeError(f"worker did not answer within {self.ready_timeout}s: {self.log_tail()}")
+
+    def child_pids(self) -> list[int]:
+        """The pool processes of the worker (prefork children)."""
+        try:
+            return [child.pid for child in psutil.Process(self.process.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int | None:
+        """Warm shutdown (SIGTERM); kill the process group if it does not exit in time."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._kill_group()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started, as a crash would."""
+        self._kill_group()
+        self.process.wait(10)
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the worker's log, for failure messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __enter__(self) -> "WorkerProcess":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
