@@ -1,0 +1,261 @@
+"""Shape the freshly generated project to the answers, then say what to do next.
+
+Cookiecutter renders this file with Jinja and runs it inside the generated project. The answers
+are rendered only into the dictionary built in ``main()``, so the raw file stays a plain Python
+module that tests import by path.
+
+What it does, in order:
+
+1. Removes the files that belong to options that were turned off, as listed in ``REMOVALS``
+   (an option, the answer that turns it off, and the paths or glob patterns to delete).
+2. Makes every script in ``bin/`` executable.
+3. Writes ``.env`` from ``.env.example`` (when the project has one) with a fresh
+   ``DJANGO_SECRET_KEY`` and ``POSTGRES_PASSWORD`` from :mod:`secrets`; URLs in the file that
+   carried the example password get the new one, so the file stays consistent.
+4. Prints the next steps.
+
+It uses only the standard library and never touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import stat
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Final, NamedTuple
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+
+
+class Removal(NamedTuple):
+    """Paths to delete when ``option`` has the answer ``when``."""
+
+    option: str
+    when: str
+    paths: tuple[str, ...]
+
+
+#: What each disabled option takes away. Paths are relative to the project root; a path with
+#: ``*`` is a glob pattern. Procfile lines are the Procfile template's business, not this table's.
+REMOVALS: Final = (
+    Removal("use_docker", "n", ("Dockerfile", "compose.yaml", ".dockerignore")),
+    Removal("use_flower", "n", ("bin/flower",)),
+    Removal("use_celery_beat", "n", ("bin/beat",)),
+    Removal("ci_tool", "none", (".github",)),
+    Removal("include_demo_tasks", "n", ("demo", "loadtest", "tests/test_demo*.py")),
+    Removal("open_source_license", "Not open source", ("LICENSE",)),
+)
+
+ENV_EXAMPLE: Final = ".env.example"
+ENV_FILE: Final = ".env"
+SECRET_KEY_VARIABLE: Final = "DJANGO_SECRET_KEY"  # noqa: S105 - a variable name
+DATABASE_PASSWORD_VARIABLE: Final = "POSTGRES_PASSWORD"  # noqa: S105 - a variable name
+#: ``token_urlsafe(50)`` gives 67 characters of [A-Za-z0-9_-]: well past Django's deploy check
+#: (50 characters, 5 distinct) and safe unquoted in a dotenv file and in a URL.
+SECRET_KEY_BYTES: Final = 50
+DATABASE_PASSWORD_BYTES: Final = 24
+#: ``KEY=value`` with an optional ``export`` in front, as dotenv files write it.
+ASSIGNMENT: Final = re.compile(r"^(?P<head>\s*(?:export\s+)?(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=)")
+
+
+def patterns_to_remove(answers: Mapping[str, str]) -> list[str]:
+    """List the paths and glob patterns that the answers turn off.
+
+    >>> patterns_to_remove({"use_flower": "n", "use_docker": "y"})
+    ['bin/flower']
+    >>> patterns_to_remove({"include_demo_tasks": "n"})
+    ['demo', 'loadtest', 'tests/test_demo*.py']
+    >>> patterns_to_remove({"use_flower": "y"})
+    []
+    """
+    return [
+        path
+        for removal in REMOVALS
+        if answers.get(removal.option) == removal.when
+        for path in removal.paths
+    ]
+
+
+def remove_paths(root: Path, patterns: Iterable[str]) -> list[Path]:
+    """Delete the files and folders under ``root`` that match ``patterns``; return what went.
+
+    A pattern that matches nothing is not an error: the template may not ship that file.
+    """
+    removed = []
+    for pattern in patterns:
+        for path in sorted(root.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def make_executable(path: Path) -> None:
+    """Add the execute bit wherever ``path`` has the read bit (user, group, other)."""
+    mode = path.stat().st_mode
+    path.chmod(mode | ((mode & (stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)) >> 2))
+
+
+def make_scripts_executable(root: Path) -> list[Path]:
+    """Make every file in ``root/bin`` executable; return those files."""
+    scripts = sorted(path for path in (root / "bin").glob("*") if path.is_file())
+    for script in scripts:
+        make_executable(script)
+    return scripts
+
+
+def _with_password(url: str, old: str, new: str) -> str:
+    """Return ``url`` with password ``new`` if its password is ``old``, else ``url`` unchanged.
+
+    >>> _with_password("postgres://app:change-me@db:5432/app", "change-me", "s3cret")
+    'postgres://app:s3cret@db:5432/app'
+    >>> _with_password("postgres://app:other@db:5432/app", "change-me", "s3cret")
+    'postgres://app:other@db:5432/app'
+    >>> _with_password("redis://redis:6379/0", "change-me", "s3cret")
+    'redis://redis:6379/0'
+    """
+    try:
+        parts: SplitResult = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not old or password != old:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    username = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{username}:{new}@{hostinfo}"))
+
+
+def render_env(example: str, *, secret_key: str, database_password: str) -> str:
+    r"""Return the text of ``.env``: ``example`` with the two secrets filled in.
+
+    Lines, comments and order stay as they are; only the values of ``DJANGO_SECRET_KEY`` and
+    ``POSTGRES_PASSWORD`` change, plus any URL whose password was the example password.
+
+    >>> print(render_env(
+    ...     "# local settings\n"
+    ...     "DJANGO_SECRET_KEY=change-me\n"
+    ...     "POSTGRES_PASSWORD=postgres\n"
+    ...     "DATABASE_URL=postgres://postgres:postgres@db:5432/app\n",
+    ...     secret_key="k" * 50,
+    ...     database_password="pw",
+    ... ), end="")
+    # local settings
+    DJANGO_SECRET_KEY=kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk
+    POSTGRES_PASSWORD=pw
+    DATABASE_URL=postgres://postgres:pw@db:5432/app
+    """
+    lines = example.splitlines(keepends=True)
+    old_password = ""
+    for line in lines:
+        match = ASSIGNMENT.match(line)
+        if match and match["key"] == DATABASE_PASSWORD_VARIABLE:
+            old_password = _strip_quotes(line[match.end() :].strip())
+    new_values = {SECRET_KEY_VARIABLE: secret_key, DATABASE_PASSWORD_VARIABLE: database_password}
+    return "".join(
+        _render_line(line, new_values, old_password, database_password) for line in lines
+    )
+
+
+def _render_line(
+    line: str, new_values: Mapping[str, str], old_password: str, new_password: str
+) -> str:
+    """Return one ``.env`` line with its new value, or unchanged when nothing applies."""
+    match = ASSIGNMENT.match(line)
+    if not match:
+        return line
+    newline = line[len(line.rstrip("\r\n")) :]
+    if match["key"] in new_values:
+        return f"{match['head']}{new_values[match['key']]}{newline}"
+    value = _strip_quotes(line[match.end() :].strip())
+    updated = _with_password(value, old_password, new_password)
+    return line if updated == value else f"{match['head']}{updated}{newline}"
+
+
+def _strip_quotes(value: str) -> str:
+    """Strip one pair of matching quotes from a dotenv value.
+
+    >>> _strip_quotes('"quoted"'), _strip_quotes("'single'"), _strip_quotes("bare")
+    ('quoted', 'single', 'bare')
+    """
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def write_env_file(root: Path) -> Path | None:
+    """Write ``root/.env`` from ``root/.env.example`` with fresh secrets; mode 0600.
+
+    Returns the new file, or ``None`` when the project has no example or already has a
+    ``.env`` (an existing one is never overwritten).
+    """
+    example = root / ENV_EXAMPLE
+    target = root / ENV_FILE
+    if not example.is_file() or target.exists():
+        return None
+    text = render_env(
+        example.read_text(encoding="utf-8"),
+        secret_key=secrets.token_urlsafe(SECRET_KEY_BYTES),
+        database_password=secrets.token_urlsafe(DATABASE_PASSWORD_BYTES),
+    )
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as env_file:
+        env_file.write(text)
+    return target
+
+
+def next_steps(answers: Mapping[str, str]) -> str:
+    """Return the instructions printed after a successful bake."""
+    slug = answers["project_slug"]
+    lines = [
+        f"Created {answers['project_name']} in ./{slug}",
+        "",
+        "Next steps:",
+        f"  cd {slug}",
+        "  git init && git add . && git commit -m 'Initial commit'",
+    ]
+    if answers.get("use_docker") == "y":
+        lines += [
+            "  docker compose up --build        # web, worker, PostgreSQL and Redis",
+        ]
+    lines += [
+        "  # or natively, with PostgreSQL and Redis running locally:",
+        "  python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'",
+        "  .venv/bin/python manage.py migrate",
+        "  .venv/bin/pytest",
+        "",
+        "Secrets for local use are in .env (never commit it); see .env.example for every setting.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Apply the answers to the generated project in the current directory."""
+    rendered = {
+        "project_name": "{{ cookiecutter.project_name | urlencode }}",
+        "project_slug": "{{ cookiecutter.project_slug | urlencode }}",
+        "use_docker": "{{ cookiecutter.use_docker | urlencode }}",
+        "use_flower": "{{ cookiecutter.use_flower | urlencode }}",
+        "use_celery_beat": "{{ cookiecutter.use_celery_beat | urlencode }}",
+        "ci_tool": "{{ cookiecutter.ci_tool | urlencode }}",
+        "include_demo_tasks": "{{ cookiecutter.include_demo_tasks | urlencode }}",
+        "open_source_license": "{{ cookiecutter.open_source_license | urlencode }}",
+    }
+    # urlencode keeps any answer from breaking this file's syntax; unquote restores it.
+    answers = {name: unquote(text) for name, text in rendered.items()}
+    root = Path.cwd()
+    remove_paths(root, patterns_to_remove(answers))
+    make_scripts_executable(root)
+    write_env_file(root)
+    print(next_steps(answers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
