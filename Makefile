@@ -1,0 +1,49 @@
+# The template's own tasks. `make test` is what CI runs (.ci/run).
+#   make test        service check, then every template test (bakes, hooks, end-to-end)
+#   make test-fast   the same without the end-to-end tests (no installs, no servers)
+#   make demo        bake the default project, run web + worker natively, send it a task
+#   make lint        ruff on the hooks, tests and scripts
+#   make clean       remove .venv, .demo and caches
+# Variables: PYTHON (interpreter for .venv), PYTEST_ARGS (extra pytest arguments),
+# DATABASE_URL and REDIS_URL (servers to test against; defaults in scripts/baked.py).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help test test-fast lint format demo services clean
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+$(STAMP): tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'uv>=0.9,<1'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r tests/requirements.txt
+	touch $@
+
+services: $(STAMP)
+	$(BIN)/python scripts/check_services.py
+
+test: services
+	$(BIN)/python -m pytest tests/ $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/ -m 'not e2e' $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check hooks tests scripts
+	$(BIN)/ruff format --check hooks tests scripts
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix hooks tests scripts
+	$(BIN)/ruff format hooks tests scripts
+
+demo: services
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	find hooks tests scripts -name __pycache__ -type d -prune -exec rm -rf {} +
