@@ -1,0 +1,475 @@
+"""Bake, install and run a generated project: the kit shared by the tests and ``make demo``.
+
+Everything here talks only to the machine itself: PostgreSQL and Redis on the URLs in
+``DATABASE_URL`` and ``REDIS_URL`` (defaults below), PyPI through ``uv`` for installs, and
+loopback ports for the processes it starts. Nothing is flushed or stopped that this module did
+not create: databases are created under unique names and dropped by name, processes are started
+in their own process group and only that group is ever signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL: Final = "postgres://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+
+#: Variables a baked project reads. They are dropped from the inherited environment so that a
+#: developer's shell cannot leak its own settings into a test or the demo.
+PROJECT_VARIABLES: Final = frozenset(
+    {
+        "DJANGO_SETTINGS_MODULE",
+        "DJANGO_SECRET_KEY",
+        "DJANGO_ALLOWED_HOSTS",
+        "DJANGO_DEBUG",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
+        "CELERY_TASK_DEFAULT_QUEUE",
+        "PORT",
+        "WEB_CONCURRENCY",
+        "CELERY_WORKER_CONCURRENCY",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTEST_ADDOPTS",
+    },
+)
+
+
+def database_url() -> str:
+    """Return the maintenance-database URL of the PostgreSQL server to use."""
+    return os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def redis_url() -> str:
+    """Return the URL of the Redis server to use."""
+    return os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def with_path(url: str, path: str) -> str:
+    """Return ``url`` with its path replaced (a database name, a Redis database number).
+
+    >>> with_path("postgres://postgres@127.0.0.1:5432/postgres", "demo_1")
+    'postgres://postgres@127.0.0.1:5432/demo_1'
+    """
+    return urlunsplit(urlsplit(url)._replace(path=f"/{path}"))
+
+
+def redact(url: str) -> str:
+    """Hide the password in ``url`` for printing.
+
+    >>> redact("postgres://app:s3cret@db:5432/app")
+    'postgres://app:***@db:5432/app'
+    >>> redact("redis://127.0.0.1:6379/0")
+    'redis://127.0.0.1:6379/0'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostinfo}"))
+
+
+def unique_name(prefix: str) -> str:
+    """Return ``prefix`` plus a random suffix: a safe PostgreSQL name or Celery queue name.
+
+    >>> name = unique_name("tse2e")
+    >>> name.startswith("tse2e_") and len(name) == len("tse2e_") + 12
+    True
+    """
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def _connect_maintenance(url: str):  # psycopg is imported lazily: only some callers need it
+    import psycopg  # noqa: PLC0415 - only the callers that touch PostgreSQL need it
+
+    return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+
+def create_database(name: str, *, server_url: str | None = None) -> str:
+    """Create database ``name`` and return its URL."""
+    server = server_url or database_url()
+    with _connect_maintenance(server) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return with_path(server, name)
+
+
+def drop_database(name: str, *, server_url: str | None = None) -> None:
+    """Drop database ``name`` and the ``test_`` copy pytest-django may have left; never fails."""
+    server = server_url or database_url()
+    with suppress(Exception), _connect_maintenance(server) as connection:
+        for database in (name, f"test_{name}"):
+            connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """Create a uniquely named database for the duration of the block; yield its URL."""
+    name = unique_name(prefix)
+    url = create_database(name)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+# --- baking -----------------------------------------------------------------------------------
+
+
+def bake(
+    output_dir: Path,
+    extra_context: Mapping[str, str] | None = None,
+    *,
+    template: Path = REPO_ROOT,
+) -> Path:
+    """Generate a project from the template into ``output_dir``; return the project folder."""
+    from cookiecutter.main import cookiecutter  # noqa: PLC0415 - not every caller bakes
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Path(
+        cookiecutter(
+            str(template),
+            no_input=True,
+            extra_context=dict(extra_context or {}),
+            output_dir=str(output_dir),
+            config_file=str(private_cookiecutter_config(output_dir / ".cookiecutter-user")),
+        ),
+    )
+
+
+def private_cookiecutter_config(folder: Path) -> Path:
+    """Write a cookiecutter user config that keeps replays and clones inside ``folder``.
+
+    Baking then neither reads the developer's ``~/.cookiecutterrc`` nor writes into their home.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.yaml"
+    config.write_text(
+        f"cookiecutters_dir: {json.dumps(str(folder / 'cookiecutters'))}\n"
+        f"replay_dir: {json.dumps(str(folder / 'replay'))}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+# --- installing -------------------------------------------------------------------------------
+
+
+def uv_binary() -> str:
+    """Return the path of the ``uv`` executable installed beside the running Python."""
+    from uv import find_uv_bin  # noqa: PLC0415 - the uv package is only needed to install
+
+    return find_uv_bin()
+
+
+def _python_version_of(executable: str) -> str | None:
+    try:
+        completed = subprocess.run(
+            [executable, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def find_python(version: str) -> str | None:
+    """Find an interpreter for ``version`` ("3.12") on this machine, without downloading one.
+
+    Looks at the running interpreter, ``pythonX.Y`` on ``PATH``, pyenv's versions and the
+    usual system folders; returns the first that really is that version.
+    """
+    candidates = [sys.executable, shutil.which(f"python{version}")]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += [
+        str(path)
+        for path in sorted((pyenv_root / "versions").glob(f"{version}*/bin/python{version}"))
+    ]
+    candidates += [f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists() and _python_version_of(candidate) == version:
+            return candidate
+    return None
+
+
+def create_venv(project_dir: Path, python: str, *, extras: str = "dev") -> Path:
+    """Create ``project_dir/.venv`` with ``python`` and install the project into it, editable.
+
+    Returns the virtualenv's ``bin`` folder. Raises ``subprocess.CalledProcessError`` with
+    uv's output when the install fails.
+    """
+    venv = project_dir / ".venv"
+    uv = uv_binary()
+    environment = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+    environment.pop("VIRTUAL_ENV", None)
+    for command in (
+        [uv, "venv", "--quiet", "--python", python, str(venv)],
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(venv / "bin" / "python"),
+            "--editable",
+            f"{project_dir}[{extras}]" if extras else str(project_dir),
+        ],
+    ):
+        subprocess.run(
+            command,
+            check=True,
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=900,
+        )
+    return venv / "bin"
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+def project_env(bin_dir: Path, **values: str) -> dict[str, str]:
+    """Return the environment for running a baked project from the virtualenv ``bin_dir``.
+
+    Starts from this process's environment without any variable the project reads, puts the
+    virtualenv first on ``PATH``, then applies ``values``.
+    """
+    environment = {key: value for key, value in os.environ.items() if key not in PROJECT_VARIABLES}
+    environment["PATH"] = f"{bin_dir}{os.pathsep}{environment.get('PATH', '')}"
+    environment["VIRTUAL_ENV"] = str(bin_dir.parent)
+    environment["PYTHONUNBUFFERED"] = "1"
+    environment.update(values)
+    return environment
+
+
+def production_values(*, database: str, queue: str, port: int | None = None) -> dict[str, str]:
+    """Return realistic production settings for a run on this machine."""
+    broker = redis_url()
+    values = {
+        "DJANGO_SETTINGS_MODULE": "config.settings.production",
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DJANGO_DEBUG": "False",
+        "DATABASE_URL": database,
+        "REDIS_URL": broker,
+        "CELERY_BROKER_URL": broker,
+        "CELERY_RESULT_BACKEND": broker,
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "WEB_CONCURRENCY": "2",
+        "CELERY_WORKER_CONCURRENCY": "2",
+    }
+    if port is not None:
+        values["PORT"] = str(port)
+    return values
+
+
+# --- processes --------------------------------------------------------------------------------
+
+PROCFILE_LINE: Final = re.compile(r"^(?P<name>[A-Za-z0-9_-]+):\s*(?P<command>\S.*)$")
+
+
+def parse_procfile(text: str) -> dict[str, str]:
+    r"""Return the process types of a Procfile and their commands.
+
+    >>> parse_procfile("# comment\nweb: bin/web\n\nworker: bin/worker --x\n")
+    {'web': 'bin/web', 'worker': 'bin/worker --x'}
+    """
+    processes = {}
+    for line in text.splitlines():
+        match = PROCFILE_LINE.match(line.strip())
+        if match and not line.lstrip().startswith("#"):
+            processes[match["name"]] = match["command"].strip()
+    return processes
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """A process started from a Procfile command, alone in its own process group."""
+
+    name: str
+    command: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log: TextIO | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        """The main process: the command itself, since bash runs a lone command with exec."""
+        return self.process.pid
+
+    def log(self) -> str:
+        """Everything the process wrote so far (stdout and stderr together)."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the log, for failure messages."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def group_members(self) -> list[int]:
+        """The pids still alive in the service's process group (including zombies' parents)."""
+        import psutil  # noqa: PLC0415 - only process tests and the demo need it
+
+        members = []
+        for process in psutil.process_iter(["pid", "status"]):
+            with suppress(psutil.Error, ProcessLookupError):
+                if (
+                    os.getpgid(process.info["pid"]) == self.pid
+                    and process.info["status"] != psutil.STATUS_ZOMBIE
+                ):
+                    members.append(process.info["pid"])
+        return members
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """Send SIGTERM to the main process only; return its exit code, ``None`` if it hangs."""
+        if self.process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait_for_group_exit(self, timeout: float = 10.0) -> list[int]:
+        """Wait until the process group is empty; return the pids still in it after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        members = self.group_members()
+        while members and time.monotonic() < deadline:
+            time.sleep(0.2)
+            members = self.group_members()
+        return members
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left of the process group; for cleanup only."""
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def start_service(
+    name: str,
+    command: str,
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log_dir: Path,
+) -> Service:
+    """Start a Procfile ``command`` with bash, as a platform would, in a new process group."""
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("w", encoding="utf-8")
+    process = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return Service(name=name, command=command, process=process, log_path=log_path, _log=log)
+
+
+class ServiceNotReadyError(RuntimeError):
+    """A started service did not become ready in time."""
+
+
+def wait_for_http(url: str, service: Service, timeout: float = 60.0) -> tuple[int, str]:
+    """Poll ``url`` until it answers 200; return the status and body.
+
+    Raises ``ServiceNotReadyError`` with the service's log when the process dies or the
+    deadline passes first.
+    """
+    deadline = time.monotonic() + timeout
+    last_error = "no answer yet"
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            message = f"{service.name} exited with {service.process.returncode} before {url}"
+            raise ServiceNotReadyError(f"{message} answered:\n{service.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+                return response.status, response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as error:
+            last_error = f"HTTP {error.code}: {error.read()[:500]!r}"
+        except (urllib.error.URLError, OSError) as error:
+            last_error = str(error)
+        time.sleep(0.3)
+    message = f"{url} gave no 200 within {timeout:.0f} s (last: {last_error})"
+    raise ServiceNotReadyError(f"{message}; {service.name} log:\n{service.log_tail()}")
+
+
+def wait_for_log(service: Service, pattern: str, timeout: float = 90.0) -> str:
+    """Wait until the service's log matches the regular expression ``pattern``; return the match."""
+    compiled = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = compiled.search(service.log())
+        if match:
+            return match.group(0)
+        if service.process.poll() is not None:
+            message = f"{service.name} exited with {service.process.returncode}"
+            raise ServiceNotReadyError(
+                f"{message} before logging {pattern!r}:\n{service.log_tail()}"
+            )
+        time.sleep(0.3)
+    message = f"{service.name} did not log {pattern!r} within {timeout:.0f} s"
+    raise ServiceNotReadyError(f"{message}:\n{service.log_tail()}")
+
+
+#: Celery writes "celery@<host> ready." once the worker consumes.
+WORKER_READY: Final = r"celery@\S+ ready\."
+
+
+def run(
+    command: list[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout: float = 300.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` to completion and return it (output captured, stderr into stdout)."""
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
