@@ -1,0 +1,147 @@
+"""The template's options, the combinations the tests bake, and what each bake must contain."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from allpairspy import AllPairs
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+COOKIECUTTER_JSON: Final = json.loads(
+    (REPO_ROOT / "cookiecutter.json").read_text(encoding="utf-8"),
+)
+
+#: The options with a fixed set of answers, each with every answer it accepts, default first.
+CHOICE_OPTIONS: Final[dict[str, tuple[str, ...]]] = {
+    name: tuple(value) if isinstance(value, list) else ("y", "n") if value == "y" else ("n", "y")
+    for name, value in COOKIECUTTER_JSON.items()
+    if not name.startswith("_") and (isinstance(value, list) or value in ("y", "n"))
+}
+
+#: Every answer of a default bake (``project_slug`` rendered from the default name).
+DEFAULT_ANSWERS: Final[dict[str, str]] = {
+    name: values[0] for name, values in CHOICE_OPTIONS.items()
+} | {
+    name: value
+    for name, value in COOKIECUTTER_JSON.items()
+    if isinstance(value, str) and not name.startswith("_") and name not in CHOICE_OPTIONS
+}
+DEFAULT_ANSWERS["project_slug"] = (
+    DEFAULT_ANSWERS["project_name"].lower().strip().replace(" ", "_").replace("-", "_")
+)
+
+
+def pairwise_cases() -> list[dict[str, str]]:
+    """Return option sets in which every pair of answers of two options appears at least once.
+
+    allpairspy is deterministic for a given option order, so every run (and every xdist
+    worker) collects the same cases.
+    """
+    names = list(CHOICE_OPTIONS)
+    return [
+        dict(zip(names, row, strict=True))
+        for row in AllPairs([list(CHOICE_OPTIONS[name]) for name in names])
+    ]
+
+
+def uncovered_pairs(cases: list[Mapping[str, str]]) -> list[tuple[str, str, str, str]]:
+    """Return each pair of (option, answer) x (option, answer) that no case contains."""
+    missing = []
+    for first, second in itertools.combinations(CHOICE_OPTIONS, 2):
+        for a, b in itertools.product(CHOICE_OPTIONS[first], CHOICE_OPTIONS[second]):
+            if not any(case[first] == a and case[second] == b for case in cases):
+                missing.append((first, a, second, b))
+    return missing
+
+
+_SHORT_LICENSE: Final = {
+    "MIT": "mit",
+    "BSD-3-Clause": "bsd3",
+    "Apache-2.0": "apache2",
+    "Not open source": "closed",
+}
+
+
+def case_id(answers: Mapping[str, str]) -> str:
+    """Return a readable test id for an option set, e.g. ``py3.12-pg17-docker-...-mit``.
+
+    Each y/n option shows as its word or ``no`` + word, so every option is visible in the id.
+    """
+    full = DEFAULT_ANSWERS | dict(answers)
+    words = [f"py{full['python_version']}", f"pg{full['postgres_version']}"]
+    for option, word in (
+        ("use_docker", "docker"),
+        ("use_flower", "flower"),
+        ("use_celery_beat", "beat"),
+        ("include_demo_tasks", "demo"),
+    ):
+        words.append(word if full[option] == "y" else f"no{word}")
+    words.append("github" if full["ci_tool"] == "github" else "noci")
+    words.append(_SHORT_LICENSE.get(full["open_source_license"], full["open_source_license"]))
+    return "-".join(words)
+
+
+#: Paths every bake has, whatever the options.
+ALWAYS_PRESENT: Final = (
+    "README.md",
+    "manage.py",
+    "pyproject.toml",
+    "Procfile",
+    "Makefile",
+    ".gitignore",
+    ".env.example",
+    ".env",
+    "config/__init__.py",
+    "config/settings/__init__.py",
+    "config/settings/base.py",
+    "config/settings/local.py",
+    "config/settings/production.py",
+    "config/settings/test.py",
+    "config/celery.py",
+    "config/urls.py",
+    "config/wsgi.py",
+    "config/gunicorn.conf.py",
+    "tasksignal/__init__.py",
+    "tasksignal/apps.py",
+    "tests",
+    "bin/web",
+    "bin/worker",
+    "bin/migrate",
+    "benchmarks",
+)
+
+#: Paths that exist exactly when an option has a given answer: (option, answer, paths).
+PRESENT_WHEN: Final = (
+    ("use_docker", "y", ("Dockerfile", "compose.yaml", ".dockerignore")),
+    ("use_flower", "y", ("bin/flower",)),
+    ("use_celery_beat", "y", ("bin/beat",)),
+    ("ci_tool", "github", (".github/workflows/ci.yml",)),
+    ("include_demo_tasks", "y", ("demo", "loadtest")),
+)
+
+
+def expected_presence(answers: Mapping[str, str]) -> dict[str, bool]:
+    """Map each option-dependent path to whether a bake with ``answers`` must have it."""
+    full = DEFAULT_ANSWERS | dict(answers)
+    presence = {
+        path: full[option] == answer for option, answer, paths in PRESENT_WHEN for path in paths
+    }
+    presence[".github"] = full["ci_tool"] != "none"
+    presence["LICENSE"] = full["open_source_license"] != "Not open source"
+    return presence
+
+
+#: Procfile process types each bake has, and those that follow an option.
+ALWAYS_PROCESSES: Final = ("web", "worker")
+PROCESS_WHEN: Final = (("beat", "use_celery_beat"), ("flower", "use_flower"))
+
+#: A phrase each license text contains.
+LICENSE_MARKERS: Final = {
+    "MIT": "MIT License",
+    "BSD-3-Clause": "Redistribution and use in source and binary forms",
+    "Apache-2.0": "Apache License",
+}

@@ -1,0 +1,345 @@
+"""Every bake of the template is a clean, consistent project.
+
+The template is baked with its defaults, with a pairwise cover of all its choice options (every
+pair of answers of any two options appears in some bake) and with unusual but valid free-text
+answers. Each bake must succeed, leave no template syntax behind, contain exactly the files its
+options call for, and pass the generated project's own linters and the compose and GitHub
+workflow schemas.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+from baked import parse_procfile
+from conftest import Bake, tool
+from template_options import (
+    ALWAYS_PRESENT,
+    ALWAYS_PROCESSES,
+    DEFAULT_ANSWERS,
+    LICENSE_MARKERS,
+    PROCESS_WHEN,
+    case_id,
+    expected_presence,
+    pairwise_cases,
+)
+
+#: Valid answers that tend to break templates: quotes, non-ASCII, markup characters, a
+#: percent sign, a deep time zone and a slug that differs from the name.
+UNUSUAL_ANSWERS = {
+    "project_name": "Émile's Task-Signal Service",
+    "project_slug": "emile_tasks",
+    "description": "Cancels, pauses & resumes <tasks>: 100% 'safe'.",
+    "author_name": "Zoë O'Brien",
+    "email": "zoe.obrien+tasks@example.org",
+    "domain_name": "tasks.example.org",
+    "timezone": "America/Argentina/Buenos_Aires",
+}
+
+BAKES = [
+    pytest.param({}, id="default"),
+    *(pytest.param(case, id=case_id(case)) for case in pairwise_cases()),
+    pytest.param(UNUSUAL_ANSWERS, id="unusual-answers"),
+]
+
+
+def _bakes_where(predicate: Callable[[Mapping[str, str]], bool]) -> list:
+    """The bake parameters whose full answers satisfy ``predicate``."""
+    return [case for case in BAKES if predicate(DEFAULT_ANSWERS | case.values[0])]
+
+
+DOCKER_BAKES = _bakes_where(lambda answers: answers["use_docker"] == "y")
+GITHUB_BAKES = _bakes_where(lambda answers: answers["ci_tool"] == "github")
+NO_DEMO_BAKES = _bakes_where(lambda answers: answers["include_demo_tasks"] == "n")
+LICENSED_BAKES = _bakes_where(lambda answers: answers["open_source_license"] in LICENSE_MARKERS)
+
+#: Template syntax left behind. ``${{`` (GitHub Actions expressions) and ``${#`` (shell string
+#: length) are legitimate in generated files, and so is Django syntax in Django templates.
+LEFTOVER = re.compile(r"(?<!\$)\{[{%#]")
+COOKIECUTTER_REFERENCE = re.compile(r"\{[{%#][^}]*\bcookiecutter\b")
+
+
+def _is_django_template(path: Path) -> bool:
+    return "templates" in path.parts and path.suffix in {".html", ".txt", ".xml"}
+
+
+def _text_files(root: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file() and ".git" not in path.relative_to(root).parts
+    )
+
+
+def _run_tool(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, check=False, timeout=300
+    )
+
+
+@pytest.fixture(params=BAKES)
+def baked(request: pytest.FixtureRequest, bake: Callable[[Mapping[str, str]], Bake]) -> Bake:
+    """A bake from the matrix: default, pairwise cover and unusual answers."""
+    return bake(request.param)
+
+
+@pytest.fixture(params=DOCKER_BAKES)
+def docker_baked(request: pytest.FixtureRequest, bake: Callable[[Mapping[str, str]], Bake]) -> Bake:
+    """A bake with use_docker=y."""
+    return bake(request.param)
+
+
+@pytest.fixture(params=GITHUB_BAKES)
+def github_baked(request: pytest.FixtureRequest, bake: Callable[[Mapping[str, str]], Bake]) -> Bake:
+    """A bake with ci_tool=github."""
+    return bake(request.param)
+
+
+@pytest.fixture(params=NO_DEMO_BAKES)
+def no_demo_baked(
+    request: pytest.FixtureRequest,
+    bake: Callable[[Mapping[str, str]], Bake],
+) -> Bake:
+    """A bake with include_demo_tasks=n."""
+    return bake(request.param)
+
+
+@pytest.fixture(params=LICENSED_BAKES)
+def licensed_baked(
+    request: pytest.FixtureRequest,
+    bake: Callable[[Mapping[str, str]], Bake],
+) -> Bake:
+    """A bake with an open-source license."""
+    return bake(request.param)
+
+
+# --- the bake itself --------------------------------------------------------------------------
+
+
+def test_bake_exits_zero(baked: Bake) -> None:
+    assert baked.exit_code == 0, f"bake exited {baked.exit_code}: {baked.error}"
+    assert baked.project.is_dir(), "the bake reported success but made no project folder"
+
+
+def test_project_folder_is_named_after_the_slug(baked: Bake) -> None:
+    assert baked.project.name == baked.answers["project_slug"], (
+        f"project folder is {baked.project.name!r}, expected the slug"
+        f" {baked.answers['project_slug']!r}"
+    )
+
+
+def test_no_template_syntax_is_left_behind(baked: Bake) -> None:
+    leftovers = []
+    for path in _text_files(baked.project):
+        relative = path.relative_to(baked.project)
+        if LEFTOVER.search(str(relative)):
+            leftovers.append(f"{relative}: template syntax in the file name")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        pattern = COOKIECUTTER_REFERENCE if _is_django_template(path) else LEFTOVER
+        for number, line in enumerate(text.splitlines(), start=1):
+            if pattern.search(line):
+                leftovers.append(f"{relative}:{number}: {line.strip()[:120]}")
+    assert not leftovers, "unrendered template syntax:\n" + "\n".join(leftovers)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def test_files_every_project_needs_are_present(baked: Bake) -> None:
+    missing = [path for path in ALWAYS_PRESENT if not baked.has(path)]
+    assert not missing, f"missing from every bake's required files: {missing}"
+
+
+def test_optional_files_are_present_exactly_when_their_option_is_on(baked: Bake) -> None:
+    wrong = [
+        f"{path} should be {'present' if wanted else 'absent'}"
+        for path, wanted in expected_presence(baked.answers).items()
+        if baked.has(path) != wanted
+    ]
+    assert not wrong, f"files do not follow the options {dict(baked.answers)}: {wrong}"
+
+
+def test_no_demo_tests_ship_without_the_demo_app(no_demo_baked: Bake) -> None:
+    tests = no_demo_baked.project / "tests"
+    demo_tests = sorted(str(path.relative_to(tests)) for path in tests.rglob("test_demo*.py"))
+    assert not demo_tests, f"demo tests left without the demo app: {demo_tests}"
+
+
+def test_env_file_gets_fresh_secrets_and_private_permissions(baked: Bake) -> None:
+    env_file = baked.project / ".env"
+    assert env_file.is_file(), ".env was not generated from .env.example"
+    mode = stat.S_IMODE(env_file.stat().st_mode)
+    assert mode == 0o600, f".env has mode {oct(mode)}, expected 0o600 (it holds secrets)"
+    example = _dotenv(baked.project / ".env.example")
+    generated = _dotenv(env_file)
+    secret = generated.get("DJANGO_SECRET_KEY", "")
+    assert len(secret) >= 50, f"DJANGO_SECRET_KEY in .env is {len(secret)} characters, want 50+"
+    assert secret != example.get("DJANGO_SECRET_KEY"), ".env kept the example secret key"
+    if "POSTGRES_PASSWORD" in example:
+        assert generated.get("POSTGRES_PASSWORD") != example["POSTGRES_PASSWORD"], (
+            ".env kept the example POSTGRES_PASSWORD"
+        )
+
+
+def test_env_file_is_git_ignored(baked: Bake) -> None:
+    patterns = {
+        line.strip()
+        for line in (baked.project / ".gitignore").read_text(encoding="utf-8").splitlines()
+    }
+    assert patterns & {".env", "/.env", ".env*", "/.env*"}, ".gitignore does not ignore .env"
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, equals, value = line.removeprefix("export ").partition("=")
+        if equals and not key.lstrip().startswith("#"):
+            values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def test_bin_scripts_are_executable(baked: Bake) -> None:
+    scripts = sorted((baked.project / "bin").glob("*"))
+    assert scripts, "bin/ is empty"
+    not_executable = [script.name for script in scripts if not script.stat().st_mode & stat.S_IXUSR]
+    assert not not_executable, f"bin scripts without the execute bit: {not_executable}"
+
+
+def test_procfile_process_types_follow_the_options(baked: Bake) -> None:
+    processes = parse_procfile((baked.project / "Procfile").read_text(encoding="utf-8"))
+    missing = [name for name in ALWAYS_PROCESSES if name not in processes]
+    assert not missing, f"Procfile lacks {missing}; it has {sorted(processes)}"
+    for name, option in PROCESS_WHEN:
+        wanted = baked.answers[option] == "y"
+        assert (name in processes) == wanted, (
+            f"Procfile should {'have' if wanted else 'not have'} a {name!r} process"
+            f" when {option}={baked.answers[option]}; it has {sorted(processes)}"
+        )
+
+
+def test_procfile_commands_run_shipped_executables(baked: Bake) -> None:
+    processes = parse_procfile((baked.project / "Procfile").read_text(encoding="utf-8"))
+    broken = []
+    for name, command in processes.items():
+        program = command.split()[0]
+        if "/" in program:
+            path = baked.project / program
+            if not (path.is_file() and path.stat().st_mode & stat.S_IXUSR):
+                broken.append(f"{name}: {program} is not an executable file in the project")
+    assert not broken, "Procfile commands that cannot run: " + "; ".join(broken)
+
+
+# --- code quality -----------------------------------------------------------------------------
+
+
+def test_python_files_compile(baked: Bake) -> None:
+    errors = []
+    for path in sorted(baked.project.rglob("*.py")):
+        try:
+            compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        except SyntaxError as error:
+            errors.append(f"{path.relative_to(baked.project)}:{error.lineno}: {error.msg}")
+    assert not errors, "Python files that do not compile:\n" + "\n".join(errors)
+
+
+def test_ruff_check_passes(baked: Bake) -> None:
+    result = _run_tool([tool("ruff"), "check", "--no-cache", "."], baked.project)
+    assert result.returncode == 0, f"ruff check failed:\n{result.stdout}{result.stderr}"
+
+
+def test_ruff_format_leaves_nothing_to_change(baked: Bake) -> None:
+    result = _run_tool([tool("ruff"), "format", "--check", "--no-cache", "."], baked.project)
+    assert result.returncode == 0, f"ruff format --check failed:\n{result.stdout}{result.stderr}"
+
+
+# --- docker, CI and license -------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_spec(docker_baked: Bake) -> None:
+    compose = docker_baked.project / "compose.yaml"
+    assert compose.is_file(), "use_docker=y but compose.yaml is missing"
+    result = _run_tool(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(compose)],
+        docker_baked.project,
+    )
+    assert result.returncode == 0, f"compose.yaml is invalid:\n{result.stdout}{result.stderr}"
+
+
+def test_compose_services_follow_the_options(docker_baked: Bake) -> None:
+    import yaml  # noqa: PLC0415 - PyYAML comes with cookiecutter
+
+    compose = yaml.safe_load((docker_baked.project / "compose.yaml").read_text(encoding="utf-8"))
+    services = sorted(compose.get("services", {}))
+    for word, option in (("beat", "use_celery_beat"), ("flower", "use_flower")):
+        wanted = docker_baked.answers[option] == "y"
+        present = any(word in service for service in services)
+        assert present == wanted, (
+            f"compose.yaml should {'have' if wanted else 'not have'} a {word} service when"
+            f" {option}={docker_baked.answers[option]}; services: {services}"
+        )
+
+
+def test_compose_uses_the_chosen_postgres_version(docker_baked: Bake) -> None:
+    text = (docker_baked.project / "compose.yaml").read_text(encoding="utf-8")
+    version = docker_baked.answers["postgres_version"]
+    assert f"postgres:{version}" in text, f"compose.yaml does not use the postgres:{version} image"
+
+
+def test_dockerfile_uses_the_chosen_python_version(docker_baked: Bake) -> None:
+    text = (docker_baked.project / "Dockerfile").read_text(encoding="utf-8")
+    version = docker_baked.answers["python_version"]
+    assert f"python:{version}" in text, f"Dockerfile does not build from a python:{version} image"
+
+
+def test_github_workflows_match_the_workflow_schema(github_baked: Bake) -> None:
+    workflows = sorted((github_baked.project / ".github" / "workflows").glob("*.y*ml"))
+    assert workflows, "ci_tool=github but .github/workflows/ has no workflow"
+    result = _run_tool(
+        [
+            tool("check-jsonschema"),
+            "--builtin-schema",
+            "vendor.github-workflows",
+            *map(str, workflows),
+        ],
+        github_baked.project,
+    )
+    assert result.returncode == 0, f"invalid GitHub workflow:\n{result.stdout}{result.stderr}"
+
+
+def test_github_workflow_tests_on_the_chosen_python_version(github_baked: Bake) -> None:
+    text = (github_baked.project / ".github" / "workflows" / "ci.yml").read_text(encoding="utf-8")
+    version = github_baked.answers["python_version"]
+    assert version in text, f"ci.yml never mentions Python {version}"
+
+
+def test_license_is_the_chosen_one(licensed_baked: Bake) -> None:
+    text = (licensed_baked.project / "LICENSE").read_text(encoding="utf-8")
+    chosen = licensed_baked.answers["open_source_license"]
+    assert LICENSE_MARKERS[chosen] in text, f"LICENSE does not read like {chosen}"
+    if chosen != "Apache-2.0":
+        author = licensed_baked.answers["author_name"]
+        assert author in text, f"the {chosen} copyright line does not name {author!r}"
+
+
+DEMO_REFERENCE = re.compile(r"^\s*(?:from|import)\s+demo\b|[\"']demo(?:\.[\w.]+)?[\"']")
+
+
+def test_nothing_refers_to_the_demo_app_without_it(no_demo_baked: Bake) -> None:
+    references = [
+        f"{path.relative_to(no_demo_baked.project)}:{number}: {line.strip()}"
+        for path in sorted(no_demo_baked.project.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if DEMO_REFERENCE.search(line)
+    ]
+    assert not references, "the demo app is gone but still referred to:\n" + "\n".join(references)
