@@ -1,0 +1,23 @@
+"""Benchmarks of task signalling, each against a baseline measured in the same run.
+
+=================  ==============================================  ==============================
+benchmark          measures                                        baseline (same run)
+=================  ==============================================  ==============================
+``checkpoint``     ``SignalAwareTask.checkpoint()`` per call,      ``AbortableTask.is_aborted()``
+                   nothing pending, inside a running task          (reads the result backend)
+``throughput``     no-op ``SignalAwareTask`` runs per second on    a plain Celery task, same
+                   a prefork worker (concurrency 2)                worker, alternating rounds
+``cancel_latency`` cancel to stop for each step of the ladder      ``revoke(terminate=True)``
+                   (database clock)                                with SIGTERM and SIGKILL
+=================  ==============================================  ==============================
+
+Run them from the project folder, with PostgreSQL and Redis up and the database migrated::
+
+    python -m benchmarks                  # all, default sizes (about three minutes)
+    python -m benchmarks --quick          # all, tiny sizes (a smoke test, figures meaningless)
+    python -m benchmarks.checkpoint       # one of them; --help lists its sizes
+
+Each writes ``benchmarks/results/<name>.json`` (figures, environment, targets with pass or
+fail) and prints a short table. Every run starts its own worker on a queue and signal
+channel of its own, so it neither takes nor disturbs anybody else's tasks.
+"""

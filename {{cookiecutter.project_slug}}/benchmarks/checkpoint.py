@@ -1,0 +1,174 @@
+"""Cost of ``SignalAwareTask.checkpoint()`` with nothing pending, against ``is_aborted()``.
+
+Both are timed inside real tasks on a real prefork worker: ``checkpoint_cost`` (a
+signal-aware task) and ``is_aborted_cost`` (a ``celery.contrib.abortable.AbortableTask``)
+each time batches of calls with ``time.perf_counter_ns()`` and return the nanoseconds per
+call. The two tasks alternate, round after round, so a noisy moment of the machine hits
+both. Figures are medians over all batches and include the loop (``empty_call_ns`` is what
+a loop calling an empty function costs, for reference).
+
+Target: a checkpoint costs at most 1 µs and at least 100 times less than ``is_aborted()``.
+
+    python -m benchmarks.checkpoint [--quick] [--rounds N] [--calls N] [--aborted-calls N]
+"""
+
+import time
+
+from benchmarks import common
+
+NAME = "checkpoint"
+DEFAULTS = {"rounds": 6, "batches": 10, "calls": 100_000, "aborted_calls": 200}
+QUICK = {"rounds": 2, "batches": 3, "calls": 2_000, "aborted_calls": 20}
+MAX_CHECKPOINT_NS = 1000.0
+MIN_RATIO = 100.0
+
+
+def run(
+    *,
+    rounds: int,
+    batches: int,
+    calls: int,
+    aborted_calls: int,
+    quick: bool = False,
+    output_dir=None,
+) -> dict:
+    """Run the benchmark, write its JSON and return it."""
+    common.setup()
+    from benchmarks import tasks
+
+    started = time.monotonic()
+    environment = common.environment()
+    checkpoint_batches: list[float] = []
+    aborted_batches: list[float] = []
+    empty_batches: list[float] = []
+    rounds_table = []
+    in_run = True
+    task_ids = []
+    with common.benchmark_worker(NAME, output_dir) as worker:
+        for number in range(rounds):
+            # Alternate which goes first, so neither always follows the other.
+            order = (
+                ("checkpoint", "is_aborted") if number % 2 == 0 else ("is_aborted", "checkpoint")
+            )
+            figures = {}
+            for kind in order:
+                if kind == "checkpoint":
+                    result = tasks.checkpoint_cost.delay(calls, batches)
+                else:
+                    result = tasks.is_aborted_cost.delay(aborted_calls, batches)
+                task_ids.append(result.id)
+                figures[kind] = result.get(timeout=300)
+                result.forget()
+            checkpoint_batches += figures["checkpoint"]["per_call_ns"]
+            aborted_batches += figures["is_aborted"]["per_call_ns"]
+            empty_batches += figures["checkpoint"]["empty_call_ns"]
+            in_run = in_run and figures["checkpoint"]["in_run"] and figures["is_aborted"]["in_run"]
+            rounds_table.append(
+                {
+                    "round": number + 1,
+                    "checkpoint_ns": round(
+                        common.percentile(figures["checkpoint"]["per_call_ns"], 0.5), 1
+                    ),
+                    "is_aborted_ns": round(
+                        common.percentile(figures["is_aborted"]["per_call_ns"], 0.5), 1
+                    ),
+                }
+            )
+    log_path = worker.log_path
+    common.delete_records(task_ids)
+
+    checkpoint_ns = common.percentile(checkpoint_batches, 0.5)
+    aborted_ns = common.percentile(aborted_batches, 0.5)
+    ratio = aborted_ns / checkpoint_ns if checkpoint_ns else None
+    results = {
+        "checkpoint_ns_per_call": common.summarize(checkpoint_batches, 1),
+        "is_aborted_ns_per_call": common.summarize(aborted_batches, 1),
+        "empty_call_ns_per_call": common.summarize(empty_batches, 1),
+        "checkpoint_ns": round(checkpoint_ns, 1),
+        "is_aborted_ns": round(aborted_ns, 1),
+        "ratio_is_aborted_over_checkpoint": round(ratio, 1) if ratio else None,
+        "measured_in_running_task": in_run,
+        "rounds": rounds_table,
+    }
+    targets = [
+        common.target(
+            "checkpoint cost per call (p50)",
+            results["checkpoint_ns"],
+            "<=",
+            MAX_CHECKPOINT_NS,
+            "ns",
+        ),
+        common.target(
+            "is_aborted / checkpoint (p50)",
+            results["ratio_is_aborted_over_checkpoint"],
+            ">=",
+            MIN_RATIO,
+            "x",
+        ),
+        common.target("measured inside running tasks", 1.0 if in_run else 0.0, ">=", 1.0),
+    ]
+    notes = [
+        "Per-call figures are medians over batches of timed calls and include the Python loop;"
+        " empty_call_ns_per_call is the same loop calling an empty function.",
+        "is_aborted() reads the task's state from the result backend (one Redis GET per call).",
+        "Tasks alternate within each round; the spread across rounds shows the machine's noise.",
+    ]
+    payload = common.result_payload(
+        NAME,
+        description="checkpoint() with nothing pending vs AbortableTask.is_aborted(), in-task",
+        quick=quick,
+        parameters={
+            "rounds": rounds,
+            "batches": batches,
+            "calls": calls,
+            "aborted_calls": aborted_calls,
+        },
+        results=results,
+        targets=targets,
+        notes=notes,
+        started=started,
+        environment_before=environment,
+        worker_log=common.worker_log_problems(log_path),
+    )
+    path = common.write_result(NAME, payload, output_dir)
+    report(payload, path)
+    return payload
+
+
+def report(payload: dict, path) -> None:
+    """Print the short table of a result."""
+    results = payload["results"]
+    rows = [
+        ["checkpoint()", *_row(results["checkpoint_ns_per_call"])],
+        ["is_aborted()", *_row(results["is_aborted_ns_per_call"])],
+        ["empty call", *_row(results["empty_call_ns_per_call"])],
+    ]
+    common.print_table(
+        "checkpoint: ns per call inside a running task",
+        ["call", "p50", "min", "max", "batches"],
+        rows,
+    )
+    print(f"  is_aborted / checkpoint = {results['ratio_is_aborted_over_checkpoint']}x")
+    common.print_targets(payload)
+    print(f"  -> {path}")
+
+
+def _row(summary: dict) -> list:
+    return [summary["p50"], summary["min"], summary["max"], summary["n"]]
+
+
+def main(argv=None) -> dict:
+    """Command-line entry: ``python -m benchmarks.checkpoint``."""
+    parser = common.argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--batches", type=int)
+    parser.add_argument("--calls", type=int, help="checkpoint() calls per batch")
+    parser.add_argument("--aborted-calls", type=int, help="is_aborted() calls per batch")
+    args = parser.parse_args(argv)
+    sizes = dict(QUICK if args.quick else DEFAULTS)
+    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    return run(**sizes, quick=args.quick, output_dir=args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Benchmark-only tasks; benchmark workers load them with ``--include benchmarks.tasks``.
+
+Each signal-aware task has a plain Celery twin of the same shape, the baseline it is
+measured against. Tasks that get cancelled or revoked write a ``started`` marker (with
+their pid) before the part being measured, so the driver acts only once they really run.
+The cooperative and interrupted shapes also stamp the moment their cleanup starts (a
+``cleanup`` marker), which splits a cancel's latency into delivery and the rest.
+"""
+
+import os
+import time
+
+from celery import shared_task
+from celery.contrib.abortable import AbortableTask
+
+from benchmarks.common import mark
+from tasksignal.base import SignalAwareTask
+from tasksignal.runtime import runtime
+
+#: ``cancel_grace`` of the cancel-latency tasks: the interrupt comes this long after a cancel.
+CANCEL_GRACE = 0.2
+#: ``kill_after`` of the cancel-latency tasks: the supervisor kills this long after a cancel.
+KILL_AFTER = 1.0
+#: Sleep between two checkpoints of the cooperative task.
+COOPERATIVE_STEP = 0.001
+#: Far more than can run before a kill: ``sum(range(GIL_N))`` holds the GIL for minutes.
+GIL_N = 10**11
+
+
+def _stamp_cleanup(task_id: str) -> None:
+    """Cleanup callback: record the wall-clock time at which the cancel reached the task."""
+    mark(task_id, "cleanup", wall=time.time())
+
+
+def _nothing() -> None:
+    """An empty function: what a loop of calls costs by itself."""
+
+
+def _per_call_ns(function, calls: int) -> float:
+    """Nanoseconds per call of ``function()`` over ``calls`` calls, loop included."""
+    start = time.perf_counter_ns()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter_ns() - start) / calls
+
+
+def _time_batches(function, calls: int, batches: int) -> dict:
+    return {
+        "per_call_ns": [_per_call_ns(function, calls) for _ in range(batches)],
+        "empty_call_ns": [_per_call_ns(_nothing, calls) for _ in range(batches)],
+        "calls": calls,
+        "batches": batches,
+        "pid": os.getpid(),
+    }
+
+
+# -- checkpoint ------------------------------------------------------------------------
+@shared_task(base=SignalAwareTask, bind=True)
+def checkpoint_cost(self, calls: int, batches: int) -> dict:
+    """Time ``batches`` batches of ``calls`` calls of ``self.checkpoint()``, nothing pending.
+
+    ``in_run`` proves that the calls took the path of a running task (a current run with
+    nothing pending), not the shortcut taken outside a task.
+    """
+    run = runtime.current
+    figures = _time_batches(self.checkpoint, calls, batches)
+    figures["in_run"] = run is not None and run.task_id == self.request.id and not run.attention
+    return figures
+
+
+@shared_task(base=AbortableTask, bind=True)
+def is_aborted_cost(self, calls: int, batches: int) -> dict:
+    """Time ``batches`` batches of ``calls`` calls of ``self.is_aborted()`` (a backend read)."""
+    figures = _time_batches(self.is_aborted, calls, batches)
+    figures["in_run"] = not self.request.called_directly
+    return figures
+
+
+# -- throughput ------------------------------------------------------------------------
+@shared_task(base=SignalAwareTask, bind=True)
+def noop_signal_aware(self) -> None:
+    """Do nothing, as a signal-aware task (run record, slot, begin and end)."""
+
+
+@shared_task
+def noop_plain() -> None:
+    """Do nothing, as a plain Celery task (the project's default task class)."""
+
+
+# -- cancel latency --------------------------------------------------------------------
+@shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
+def cooperative_loop(self, seconds: float = 60.0) -> None:
+    """Check for signals every ``COOPERATIVE_STEP`` seconds: a cancel stops it cooperatively."""
+    self.add_cleanup(_stamp_cleanup, self.request.id)
+    mark(self.request.id, "started")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        self.checkpoint()
+        time.sleep(COOPERATIVE_STEP)
+
+
+@shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
+def sleeping(self, seconds: float = 60.0) -> None:
+    """Sleep without a checkpoint: a cancel interrupts it after ``cancel_grace``."""
+    self.add_cleanup(_stamp_cleanup, self.request.id)
+    mark(self.request.id, "started")
+    time.sleep(seconds)
+
+
+@shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
+def holding_gil(self, n: int = GIL_N) -> int:
+    """Run C code that holds the GIL: a cancel ends in a kill after ``kill_after``."""
+    mark(self.request.id, "started")
+    return sum(range(n))
+
+
+@shared_task(bind=True)
+def plain_sleeping(self, seconds: float = 60.0) -> None:
+    """The ``sleeping`` shape as a plain task; marks ``stopped`` if its body is unwound."""
+    mark(self.request.id, "started")
+    try:
+        time.sleep(seconds)
+    finally:
+        mark(self.request.id, "stopped")
+
+
+@shared_task(bind=True)
+def plain_holding_gil(self, n: int = GIL_N) -> int:
+    """The ``holding_gil`` shape as a plain task; marks ``stopped`` if its body is unwound."""
+    mark(self.request.id, "started")
+    try:
+        return sum(range(n))
+    finally:
+        mark(self.request.id, "stopped")
