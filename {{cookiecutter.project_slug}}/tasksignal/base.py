@@ -155,7 +155,12 @@ class SignalAwareTask(DjangoTask):
             logger.exception("could not complete cancel %s of %s; the sweep will", cancel_id, run.task_id)
         runtime.end(run, "cancelled")
         reason = f"cancelled ({outcome})" + ("" if cleanup_ok else ", cleanup failed")
-        self.backend.mark_as_revoked(run.task_id, reason, request=self.request)
+        try:
+            self.backend.mark_as_revoked(run.task_id, reason, request=self.request)
+        except Exception:
+            # The task has stopped and its signal is completed; only the result backend
+            # (often Redis, maybe restarting) missed the state. Say so, do not crash.
+            logger.exception("could not store REVOKED for %s in the result backend", run.task_id)
         logger.info("task %s[%s] %s", self.name, run.task_id, reason)
         # Ignore: the trace stores nothing more, so REVOKED stays the final state.
         raise Ignore(reason)

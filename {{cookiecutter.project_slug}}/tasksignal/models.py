@@ -204,3 +204,30 @@ class TaskRun(models.Model):
         if self.progress_current is None or not self.progress_total:
             return None
         return min(1.0, self.progress_current / self.progress_total)
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API, acting as its user with that user's permissions.
+
+    Only the SHA-256 of the secret is stored: the secret is shown once, when the token is
+    made (``manage.py create_api_token``), and cannot be read back. A fast hash is enough
+    because the secret is 256 random bits, not a password a person chose; it also lets a
+    request find its token with one indexed lookup. Delete the row to revoke the token.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasksignal_api_tokens"
+    )
+    name = models.CharField(max_length=100, blank=True, help_text="What the token is for.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(
+        max_length=16, editable=False, help_text="The secret's first characters, to recognise it."
+    )
+    created = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        verbose_name = "API token"
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name or 'unnamed'}, {self.user})"

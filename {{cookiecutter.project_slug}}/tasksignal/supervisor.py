@@ -114,38 +114,56 @@ class CancelSupervisor(bootsteps.StartStopStep):
         if request is None or not request.worker_pid:
             return False
         pid = request.worker_pid
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
+        if not kill_if_running(pid, task_id, lambda: request.terminate(self.worker.pool, "SIGKILL")):
             return False
-        killed = False
-        try:
-            running_now = read_slot(pid)
-            if running_now != task_id:
-                logger.info("not killing pid %s: it runs %s now, not %s", pid, running_now, task_id)
-                return False
-            for descendant in _descendants(pid):
-                descendant.kill()
-            request.terminate(self.worker.pool, signal="SIGKILL")
-            killed = True
-        finally:
-            if not killed:
-                os.kill(pid, signal.SIGCONT)
-        slot_path(pid).unlink(missing_ok=True)
-        self._record_kill(task_id, signal_id)
+        self._record_kill(task_id, request.name, signal_id)
         logger.warning("killed pid %s to stop cancelled task %s", pid, task_id)
         return True
 
     @staticmethod
-    def _record_kill(task_id: str, signal_id: int) -> None:
+    def _record_kill(task_id: str, task_name: str, signal_id: int) -> None:
         from django.utils import timezone
 
         from tasksignal.models import CeleryTaskSignal, TaskRun
 
         CeleryTaskSignal.objects.filter(pk=signal_id).complete(CeleryTaskSignal.Outcome.KILLED)
-        TaskRun.objects.filter(task_id=task_id).update(
-            state=TaskRun.State.CANCELLED, finished_at=timezone.now()
+        # The killed process may never have flushed its record (its GIL was held).
+        TaskRun.objects.update_or_create(
+            task_id=task_id,
+            defaults={"state": TaskRun.State.CANCELLED, "finished_at": timezone.now()},
+            create_defaults={
+                "task_name": task_name,
+                "state": TaskRun.State.CANCELLED,
+                "finished_at": timezone.now(),
+            },
         )
+
+
+def kill_if_running(pid: int, task_id: str, kill) -> bool:
+    """Freeze ``pid``; if its slot names ``task_id``, kill its descendants and call ``kill()``.
+
+    Otherwise the process moved on to other work: it is resumed untouched. Returns whether
+    it was killed. ``kill`` must end the frozen process (SIGKILL works on a stopped one).
+    """
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return False
+    killed = False
+    try:
+        running_now = read_slot(pid)
+        if running_now != task_id:
+            logger.info("not killing pid %s: it runs %s now, not %s", pid, running_now, task_id)
+            return False
+        for descendant in _descendants(pid):
+            descendant.kill()
+        kill()
+        killed = True
+    finally:
+        if not killed:
+            os.kill(pid, signal.SIGCONT)
+    slot_path(pid).unlink(missing_ok=True)
+    return True
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

@@ -12,6 +12,7 @@ still alive after ``stop_timeout`` is killed with its whole group, so a test nev
 orphans behind.
 """
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -31,6 +32,8 @@ class WorkerProcess:
 
     ``env`` adds to (and overrides) the environment; the queue, the channel and the
     settings module default to the current process's so that tasks sent from here reach it.
+    ``app`` is the Celery app used to ping it (default: the current one); pass one bound to
+    the worker's broker when ``env`` gives it another.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class WorkerProcess:
         log_path: Path | None = None,
         ready_timeout: float = 30.0,
         stop_timeout: float = 20.0,
+        app=None,
     ) -> None:
         self.hostname = hostname or f"worker-{uuid.uuid4().hex[:8]}@%h"
         self.concurrency = concurrency
@@ -61,10 +65,14 @@ class WorkerProcess:
             ),
             "CELERY_TASK_DEFAULT_QUEUE": settings.CELERY_TASK_DEFAULT_QUEUE,
             "TASKSIGNAL_CHANNEL": settings.TASKSIGNAL_CHANNEL,
+            "CELERY_BROKER_KEY_PREFIX": settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(
+                "global_keyprefix", ""
+            ),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **(env or {}),
         }
         self.process: subprocess.Popen | None = None
+        self._app = app
 
     @property
     def node_name(self) -> str:
@@ -77,6 +85,7 @@ class WorkerProcess:
         """Start the worker and wait until it answers a ping."""
         from celery import current_app
 
+        app = self._app or current_app
         command = [
             str(PROJECT_DIR / "bin" / "worker"),
             "--pool",
@@ -97,12 +106,13 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}: {self.log_tail()}")
-            if current_app.control.ping(destination=[self.node_name], timeout=0.5):
+            if app.control.ping(destination=[self.node_name], timeout=0.5):
                 return self
         self.kill()
         raise RuntimeError(f"worker did not answer within {self.ready_timeout}s: {self.log_tail()}")
@@ -147,7 +157,15 @@ class WorkerProcess:
             return "(no log)"
 
     def __enter__(self) -> "WorkerProcess":
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the worker when the process that started it dies (a killed
+    test run must not leave workers behind); a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

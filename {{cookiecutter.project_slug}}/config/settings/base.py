@@ -86,7 +86,7 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
@@ -110,7 +110,11 @@ CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=354
 # is delivered again. Keeping it above the hard time limit means no run (paused or not)
 # outlives it, so a long pause never produces a duplicate.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=2 * CELERY_TASK_TIME_LIMIT)
+    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=2 * CELERY_TASK_TIME_LIMIT),
+    # Kombu keeps unacknowledged messages in one hash per Redis database; another service
+    # on the same database with a shorter visibility timeout would redeliver ours while
+    # they run. A key prefix gives this service its own.
+    "global_keyprefix": env("CELERY_BROKER_KEY_PREFIX", default="{{ cookiecutter.project_slug }}:"),
 }
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=24 * 3600)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -133,6 +137,25 @@ TASKSIGNAL_CANCEL_GRACE = env.float("TASKSIGNAL_CANCEL_GRACE", default=1.0)
 TASKSIGNAL_KILL_AFTER = env.float("TASKSIGNAL_KILL_AFTER", default=5.0)
 TASKSIGNAL_RECONCILE_INTERVAL = env.float("TASKSIGNAL_RECONCILE_INTERVAL", default=2.0)
 TASKSIGNAL_RECORD_RUNS = env.bool("TASKSIGNAL_RECORD_RUNS", default=True)
+TASKSIGNAL_SIGNAL_EXPIRY = env.float("TASKSIGNAL_SIGNAL_EXPIRY", default=24 * 3600.0)
+TASKSIGNAL_RETENTION = env.float("TASKSIGNAL_RETENTION", default=7 * 24 * 3600.0)
+# Benchmark-only: exposes POST /api/tasks/<id>/revoke/ (Celery's revoke(terminate=True)).
+TASKSIGNAL_API_BASELINE_REVOKE = env.bool("TASKSIGNAL_API_BASELINE_REVOKE", default=False)
+{%- if cookiecutter.include_demo_tasks == "y" %}
+# Tasks the JSON API may start (POST /api/tasks/).
+TASKSIGNAL_STARTABLE_TASKS = [
+    "demo.tasks.add",
+    "demo.tasks.cooperative_job",
+    "demo.tasks.sleepy_job",
+    "demo.tasks.wait_for_io_job",
+    "demo.tasks.gil_job",
+    "demo.tasks.write_records",
+    "demo.tasks.sibling_job",
+]
+{%- else %}
+# Tasks the JSON API may start (POST /api/tasks/): add your own task names.
+TASKSIGNAL_STARTABLE_TASKS: list[str] = []
+{%- endif %}
 
 LOGGING = {
     "version": 1,

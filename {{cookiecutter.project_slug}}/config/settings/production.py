@@ -1,7 +1,7 @@
 """Settings for production: everything secret or host-specific must come from the env."""
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import STORAGES, env
 
 SECRET_KEY = env("DJANGO_SECRET_KEY")
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS")
@@ -20,3 +20,9 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 CSRF_TRUSTED_ORIGINS = env.list(
     "DJANGO_CSRF_TRUSTED_ORIGINS", default=["https://{{ cookiecutter.domain_name }}"]
 )
+
+# Compressed, content-hashed static files (run collectstatic at build time), cached forever.
+STORAGES = {
+    **STORAGES,
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}

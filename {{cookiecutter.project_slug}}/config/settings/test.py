@@ -7,7 +7,7 @@ with other sessions (or a developer's running worker) without stealing their mes
 import uuid
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import CELERY_BROKER_TRANSPORT_OPTIONS, env
 
 SECRET_KEY = "django-insecure-test-only"  # noqa: S105
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -15,3 +15,11 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 _session = uuid.uuid4().hex[:10]
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", default=f"test-{_session}")
 TASKSIGNAL_CHANNEL = env("TASKSIGNAL_CHANNEL", default=f"test-{_session}:tasksignal")
+# Redelivery tests shorten the visibility timeout (CELERY_VISIBILITY_TIMEOUT); sweep for
+# abandoned messages every second so they see it within seconds.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    **CELERY_BROKER_TRANSPORT_OPTIONS,
+    "global_keyprefix": env("CELERY_BROKER_KEY_PREFIX", default=f"test-{_session}:"),
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
+}

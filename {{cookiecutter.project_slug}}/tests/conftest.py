@@ -1,0 +1,96 @@
+"""Fixtures: a real prefork Celery worker on the test database, and polling helpers.
+
+Tests that use the worker need committed data (``transactional_db``): the worker is
+another process and cannot see a test's open transaction.
+"""
+
+import time
+from collections.abc import Callable
+
+import pytest
+from django.db import connection
+
+import tests.tasks  # noqa: F401 - registers the test-only signal kind in this process too
+from tasksignal.models import CeleryTaskSignal
+from tasksignal.testing import WorkerProcess
+
+
+def database_url() -> str:
+    """The URL of the test database pytest-django created."""
+    db = connection.settings_dict
+    user = db["USER"] or ""
+    password = f":{db['PASSWORD']}" if db["PASSWORD"] else ""
+    return f"postgres://{user}{password}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def start_worker(tmp_path_factory, **kwargs) -> WorkerProcess:
+    """Start a worker on the test database that also runs ``tests.tasks``."""
+    env = {"DATABASE_URL": database_url(), **kwargs.pop("env", {})}
+    log_dir = tmp_path_factory.mktemp("worker")
+    return WorkerProcess(
+        env=env,
+        extra_args=("--include", "tests.tasks", *kwargs.pop("extra_args", ())),
+        log_path=log_dir / "worker.log",
+        **kwargs,
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def worker(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A prefork worker with four processes, shared by the tests of a session."""
+    with django_db_blocker.unblock():
+        process = start_worker(tmp_path_factory, concurrency=4)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def make_worker(transactional_db, tmp_path_factory):
+    """Start extra workers for one test; all are stopped afterwards, even if the test fails."""
+    started: list[WorkerProcess] = []
+
+    def make(**kwargs) -> WorkerProcess:
+        # start() cleans up after itself when it fails, so only started workers are kept.
+        started.append(start_worker(tmp_path_factory, **kwargs))
+        return started[-1]
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail saying ``what`` never happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"after {timeout}s still waiting for: {what}")
+
+
+def wait_until_completed(signal: CeleryTaskSignal, timeout: float = 15.0) -> CeleryTaskSignal:
+    """Wait for ``signal`` to be completed by the worker; return it refreshed."""
+
+    def completed():
+        signal.refresh_from_db()
+        return signal.completed
+
+    wait_for(completed, timeout, f"{signal.signal} of {signal.task_id} to be completed")
+    return signal
+
+
+def wait_until_running(result, timeout: float = 15.0) -> None:
+    """Wait until some worker process runs ``result``'s task, as its run slot says.
+
+    The slot is written by the task's own thread, so this works even for a task stuck in
+    C code, whose process cannot flush its run record.
+    """
+    from tasksignal.slots import read_slot, slot_dir
+
+    def running() -> bool:
+        slots = slot_dir().glob("*.slot") if slot_dir().is_dir() else ()
+        return any(read_slot(int(path.stem)) == result.id for path in slots)
+
+    wait_for(running, timeout, f"task {result.id} to start running")

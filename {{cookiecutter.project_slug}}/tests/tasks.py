@@ -1,0 +1,187 @@
+"""Tasks the test suite runs on a real worker (``--include tests.tasks``).
+
+Each one has a single shape of work, so each test can name the ladder step it expects.
+Files passed in as paths let the tests observe, from outside the worker, what ran.
+"""
+
+import subprocess
+import time
+from pathlib import Path
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.contrib.auth.models import User
+from django.db import connection, transaction
+
+from tasksignal.base import SignalAwareTask
+from tasksignal.registry import register_signal
+
+# Short rungs keep the suite fast; every test reads them from here.
+CANCEL_GRACE = 0.3
+KILL_AFTER = 2.0
+
+
+def _append(path: str, line: str) -> None:
+    with open(path, "a") as file:
+        file.write(line + "\n")
+
+
+def append_message(task, signal) -> None:
+    """Handler of the test-only ``append_message`` signal kind."""
+    task.run_state.setdefault("messages", []).append(signal.message)
+
+
+register_signal("append_message", append_message)
+
+signal_aware = {"base": SignalAwareTask, "bind": True}
+rungs = {"cancel_grace": CANCEL_GRACE, "kill_after": KILL_AFTER}
+
+
+@shared_task(**signal_aware)
+def noop(self) -> None:
+    """Do nothing."""
+
+
+@shared_task(**signal_aware)
+def echo(self, value, seconds: float = 0.0):
+    """Return ``value`` after ``seconds`` of checkpointed sleep: the sibling that must survive."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        self.checkpoint()
+        time.sleep(0.01)
+    return value
+
+
+@shared_task(**signal_aware, **rungs)
+def mark_started(self, marker: str, seconds: float = 5.0) -> str:
+    """Write ``marker`` as the body's first act, then sleep: shows whether the body ran."""
+    _append(marker, self.request.id)
+    time.sleep(seconds)
+    return "done"
+
+
+@shared_task(**signal_aware, **rungs)
+def count_with_checkpoints(self, steps: int = 1000, step_seconds: float = 0.01) -> dict:
+    """Count with a checkpoint and progress every step; returns what custom signals said."""
+    for step in range(steps):
+        self.checkpoint()
+        time.sleep(step_seconds)
+        self.set_progress(step + 1, steps)
+    return {"steps": steps, "messages": self.run_state.get("messages", [])}
+
+
+@shared_task(**signal_aware, **rungs)
+def sleep_without_checkpoints(self, seconds: float = 60.0) -> str:
+    """One long ``time.sleep``."""
+    time.sleep(seconds)
+    return "slept"
+
+
+@shared_task(**signal_aware, **rungs)
+def wait_on_socket(self, seconds: float = 60.0) -> str:
+    """Block reading a socket nobody writes to."""
+    import socket
+
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        reader.settimeout(seconds)
+        try:
+            reader.recv(1)
+        except TimeoutError:
+            return "timed out"
+    return "read"
+
+
+@shared_task(**signal_aware, **rungs)
+def busy_python_loop(self, seconds: float = 60.0) -> int:
+    """Spin in pure Python without a checkpoint."""
+    end, spins = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        spins += 1
+    return spins
+
+
+@shared_task(**signal_aware, **rungs)
+def hold_the_gil(self, n: int = 10**11) -> int:
+    """C code that never releases the GIL: only a kill from outside stops it."""
+    return sum(range(n))
+
+
+@shared_task(**signal_aware, **rungs)
+def swallow_interrupts(self, seconds: float = 60.0) -> str:
+    """Swallow every interrupt with a bare except (as careless code does)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except:  # noqa: E722 - the point of this task
+            pass
+    return "survived"
+
+
+@shared_task(**signal_aware, **rungs)
+def query_postgres_sleep(self, seconds: float = 60.0) -> str:
+    """Wait inside a database query (``pg_sleep``): an interrupt lands mid-query."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+    return "queried"
+
+
+@shared_task(**signal_aware)
+def count_users(self, prefix: str) -> int:
+    """How many users start with ``prefix`` (uses this process's database connection)."""
+    return User.objects.filter(username__startswith=prefix).count()
+
+
+@shared_task(**signal_aware, **rungs)
+def create_users_in_transaction(self, prefix: str, count: int = 50) -> int:
+    """Create users inside one transaction, checkpointing between them."""
+    with transaction.atomic():
+        for number in range(count):
+            User.objects.create(username=f"{prefix}{number}")
+            self.checkpoint()
+            time.sleep(0.02)
+    return count
+
+
+@shared_task(**signal_aware, **rungs)
+def start_subprocess(self, pid_file: str, seconds: float = 60.0) -> str:
+    """Start a ``sleep`` subprocess, write its pid, then wait for it."""
+    process = subprocess.Popen(["sleep", str(int(seconds))])
+    Path(pid_file).write_text(str(process.pid))
+    process.wait()
+    return "child exited"
+
+
+@shared_task(**signal_aware, **rungs)
+def start_subprocess_then_hold_the_gil(self, pid_file: str, n: int = 10**11) -> int:
+    """Start a ``sleep`` subprocess, then hold the GIL: killed, with its subprocess."""
+    process = subprocess.Popen(["sleep", "600"])
+    Path(pid_file).write_text(str(process.pid))
+    return sum(range(n))
+
+
+class CleanupRecordingTask(SignalAwareTask):
+    """Writes ``on_cancel`` to the log file given as the task's first argument."""
+
+    def on_cancel(self, exc) -> None:
+        _append(self.request.args[0], "on_cancel")
+
+
+@shared_task(base=CleanupRecordingTask, bind=True, **rungs)
+def record_cleanups(self, log: str, seconds: float = 60.0) -> str:
+    """Register two cleanups, then sleep until cancelled."""
+    self.add_cleanup(_append, log, "first registered")
+    self.add_cleanup(_append, log, "second registered")
+    time.sleep(seconds)
+    return "not cancelled"
+
+
+@shared_task(**signal_aware, soft_time_limit=0.5)
+def exceed_soft_time_limit(self) -> str:
+    """Sleep past the soft time limit and report that Celery's limit still fires."""
+    try:
+        time.sleep(5)
+    except SoftTimeLimitExceeded:
+        return "soft time limit"
+    return "no limit"

@@ -1,0 +1,106 @@
+"""Each rung of the cancel ladder, on a real prefork worker."""
+
+import pytest
+from celery import states
+
+from tasksignal.models import CeleryTaskSignal
+from tests import tasks
+from tests.conftest import wait_for, wait_until_completed, wait_until_running
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+def cancel_running(result) -> CeleryTaskSignal:
+    wait_until_running(result)
+    return wait_until_completed(CeleryTaskSignal.objects.cancel(result.id))
+
+
+def assert_revoked(result) -> None:
+    wait_for(lambda: result.state == states.REVOKED, 10, f"{result.id} to be REVOKED")
+
+
+def test_cancel_sent_before_the_task_starts_skips_its_body(worker, tmp_path):
+    marker = tmp_path / "started"
+    task_id = "skip-" + tmp_path.name
+    CeleryTaskSignal.objects.cancel(task_id)
+    result = tasks.mark_started.apply_async((str(marker),), task_id=task_id)
+    signal = wait_until_completed(CeleryTaskSignal.objects.get(task_id=task_id))
+    assert signal.outcome == "skipped", f"expected skipped, got {signal.outcome}"
+    assert_revoked(result)
+    assert not marker.exists(), "the body of a task cancelled before it started ran anyway"
+
+
+def test_checkpoint_stops_a_task_cooperatively(worker):
+    result = tasks.count_with_checkpoints.delay()
+    signal = cancel_running(result)
+    assert signal.outcome == "cooperative", f"expected cooperative, got {signal.outcome}"
+    assert_revoked(result)
+
+
+def test_cancelled_task_ends_revoked_not_failed(worker):
+    result = tasks.count_with_checkpoints.delay()
+    cancel_running(result)
+    assert_revoked(result)
+    assert result.state != states.FAILURE, "a cancelled task was recorded as a failure"
+
+
+def test_task_asleep_without_checkpoints_is_interrupted(worker):
+    result = tasks.sleep_without_checkpoints.delay()
+    signal = cancel_running(result)
+    assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
+    assert_revoked(result)
+
+
+def test_task_blocked_on_a_socket_read_is_interrupted(worker):
+    result = tasks.wait_on_socket.delay()
+    signal = cancel_running(result)
+    assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
+    assert_revoked(result)
+
+
+def test_task_spinning_in_a_python_loop_is_interrupted(worker):
+    result = tasks.busy_python_loop.delay()
+    signal = cancel_running(result)
+    assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
+    assert_revoked(result)
+
+
+def test_task_holding_the_gil_in_c_code_is_killed(worker):
+    result = tasks.hold_the_gil.delay()
+    signal = cancel_running(result)
+    assert signal.outcome == "killed", f"expected killed, got {signal.outcome}"
+    assert_revoked(result)
+
+
+def test_task_that_swallows_interrupts_with_bare_except_is_killed(worker):
+    result = tasks.swallow_interrupts.delay()
+    signal = cancel_running(result)
+    assert signal.outcome == "killed", f"expected killed, got {signal.outcome}"
+    assert_revoked(result)
+
+
+def test_worker_keeps_serving_after_a_kill(worker):
+    result = tasks.hold_the_gil.delay()
+    cancel_running(result)
+    answers = [tasks.echo.delay(n).get(timeout=15) for n in range(6)]
+    assert answers == list(range(6)), f"worker answered {answers} after a kill"
+
+
+def test_kill_happens_after_kill_after_not_before(worker):
+    result = tasks.hold_the_gil.delay()
+    signal = cancel_running(result)
+    took = (signal.completed_at - signal.created).total_seconds()
+    assert took >= tasks.KILL_AFTER, f"killed after {took:.2f}s, before kill_after"
+
+
+def test_cancel_of_a_finished_task_is_too_late(worker):
+    result = tasks.echo.delay("done")
+    assert result.get(timeout=15) == "done"
+    signal = wait_until_completed(CeleryTaskSignal.objects.cancel(result.id))
+    assert signal.outcome == "too_late", f"expected too_late, got {signal.outcome}"
+    assert result.state == states.SUCCESS, "a finished task's state changed after a late cancel"
+
+
+def test_celery_soft_time_limit_still_fires_in_a_signal_aware_task(worker):
+    result = tasks.exceed_soft_time_limit.delay()
+    assert result.get(timeout=15) == "soft time limit", "SoftTimeLimitExceeded did not reach the task"

@@ -1,0 +1,180 @@
+"""How signals reach workers: after commit, fast, to any worker, and despite lost messages."""
+
+import shutil
+import socket
+import subprocess
+
+import pytest
+import redis
+from celery import Celery
+from django.conf import settings
+from django.db import transaction
+from django.test import override_settings
+
+from tasksignal import notify
+from tasksignal.models import CeleryTaskSignal
+from tests import tasks
+from tests.conftest import wait_for, wait_until_completed, wait_until_running
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+def subscribe():
+    pubsub = notify.client().pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(settings.TASKSIGNAL_CHANNEL)
+    return pubsub
+
+
+def test_notification_is_published_only_after_the_row_commits():
+    pubsub = subscribe()
+    with transaction.atomic():
+        signal = CeleryTaskSignal.objects.cancel("after-commit")
+        early = pubsub.get_message(timeout=0.3)
+        assert early is None, f"notified before commit: {early}"
+    message = pubsub.get_message(timeout=2)
+    assert message is not None, "no notification after commit"
+    assert notify.decode(message["data"])["id"] == signal.pk
+
+
+def test_rolled_back_signal_is_never_published():
+    pubsub = subscribe()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        CeleryTaskSignal.objects.cancel("rolled-back")
+        raise RuntimeError("roll back")
+    assert pubsub.get_message(timeout=0.5) is None, "a rolled-back signal was published"
+
+
+def test_prefetched_task_cancelled_while_queued_is_skipped(make_worker, tmp_path):
+    marker = tmp_path / "started"
+    with make_worker(concurrency=1):
+        blocker = tasks.echo.delay("blocker", 2.0)
+        queued = tasks.mark_started.delay(str(marker))
+        signal = CeleryTaskSignal.objects.cancel(queued.id)
+        assert blocker.get(timeout=15) == "blocker"
+        signal = wait_until_completed(signal)
+    assert signal.outcome == "skipped", f"expected skipped, got {signal.outcome}"
+    assert not marker.exists(), "a task cancelled while queued ran its body"
+
+
+def test_task_redelivered_after_its_worker_died_is_skipped_once_cancelled(
+    make_worker, tmp_path
+):
+    marker = tmp_path / "started"
+    short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "3"}
+    first = make_worker(concurrency=1, env=short_visibility)
+    result = tasks.mark_started.delay(str(marker), 60)
+    wait_for(lambda: marker.exists(), 10, "the task to start on the first worker")
+    first.kill()  # the message was never acknowledged (acks_late): it will come back
+    signal = CeleryTaskSignal.objects.cancel(result.id)
+    with make_worker(concurrency=1, env=short_visibility):
+        signal = wait_until_completed(signal, timeout=30)
+    assert signal.outcome == "skipped", f"expected skipped on redelivery, got {signal.outcome}"
+    assert marker.read_text().splitlines() == [result.id], "the body ran again after redelivery"
+
+
+def test_two_workers_with_different_hostnames_each_honour_cancels(worker, make_worker):
+    with make_worker(concurrency=2, hostname="second@%h") as second:
+        results = [tasks.count_with_checkpoints.delay() for _ in range(8)]
+        for result in results:
+            wait_until_running(result)
+        signals = [CeleryTaskSignal.objects.cancel(r.id) for r in results]
+        outcomes = [wait_until_completed(s).outcome for s in signals]
+        hosts = {result.id: _run_worker(result.id) for result in results}
+    assert outcomes == ["cooperative"] * 8, f"outcomes: {outcomes}"
+    assert any(second.node_name == host for host in hosts.values()), (
+        f"no task ran on the second worker: {hosts}"
+    )
+
+
+def _run_worker(task_id: str) -> str:
+    from tasksignal.models import TaskRun
+
+    return TaskRun.objects.get(task_id=task_id).worker
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ThrowawayRedis:
+    """A private redis-server on a spare port, for tests that stop and restart Redis."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_path
+        self.process = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), 10, f"redis on port {self.port}")
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+def private_app(url: str) -> Celery:
+    """A client of the private Redis with the same broker options as the worker."""
+    app = Celery(broker=url, backend=url, set_as_current=False)
+    app.conf.broker_transport_options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
+    return app
+
+
+def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
+    private_redis, make_worker
+):
+    urls = {
+        "REDIS_URL": private_redis.url,
+        "CELERY_BROKER_URL": private_redis.url,
+        "CELERY_RESULT_BACKEND": private_redis.url,
+        "TASKSIGNAL_REDIS_URL": private_redis.url,
+    }
+    app = private_app(private_redis.url)
+    with make_worker(concurrency=1, env=urls, app=app):
+        result = app.send_task(
+            "tests.tasks.count_with_checkpoints",
+            kwargs={"steps": 3000},
+            queue=settings.CELERY_TASK_DEFAULT_QUEUE,
+        )
+        wait_until_running(result)
+        private_redis.stop()
+        with override_settings(TASKSIGNAL_REDIS_URL=private_redis.url):
+            signal = CeleryTaskSignal.objects.cancel(result.id)  # publish fails: Redis is down
+        interval = settings.TASKSIGNAL_RECONCILE_INTERVAL
+        signal = wait_until_completed(signal, timeout=interval + 5)
+        private_redis.start()
+        assert signal.outcome == "cooperative", f"expected cooperative, got {signal.outcome}"
+        took = (signal.completed_at - signal.created).total_seconds()
+        assert took <= interval + 1, f"reconciliation took {took:.1f}s, interval is {interval}s"
+        # A fresh client: the first one's result listener gave up while Redis was down.
+        after = private_app(private_redis.url)
+        answer = after.send_task(
+            "tests.tasks.echo", args=("after restart",), queue=settings.CELERY_TASK_DEFAULT_QUEUE
+        ).get(timeout=30)
+        assert answer == "after restart", "worker did not serve again after Redis came back"

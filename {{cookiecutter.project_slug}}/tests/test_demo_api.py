@@ -1,0 +1,58 @@
+"""The JSON API end to end: a real worker runs a demo task started and cancelled over HTTP."""
+
+from datetime import datetime
+
+import pytest
+
+from tasksignal.auth import create_token
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def headers(django_user_model) -> dict[str, str]:
+    """Bearer headers of a superuser's token."""
+    user = django_user_model.objects.create_superuser("demo-api", "demo@example.com", "pw")
+    return {"Authorization": f"Bearer {create_token(user)[1]}"}
+
+
+def status(client, headers, task_id: str) -> dict:
+    """``GET /api/tasks/<id>/``, asserting it answers 200."""
+    response = client.get(f"/api/tasks/{task_id}/", headers=headers)
+    assert response.status_code == 200, f"status of {task_id}: {response.content!r}"
+    return response.json()
+
+
+def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker, client, headers):
+    response = client.post(
+        "/api/tasks/",
+        {"task": "demo.tasks.cooperative_job", "kwargs": {"steps": 600, "step_seconds": 0.05}},
+        content_type="application/json",
+        headers=headers,
+    )
+    assert response.status_code == 202, f"start: {response.content!r}"
+    task_id = response.json()["id"]
+    wait_for(
+        lambda: status(client, headers, task_id)["run_state"] == "running",
+        15,
+        f"the worker to record {task_id} as running",
+    )
+
+    response = client.post(f"/api/tasks/{task_id}/cancel/", headers=headers)
+    assert response.status_code == 202, f"cancel: {response.content!r}"
+
+    final = wait_for(
+        lambda: (body := status(client, headers, task_id))["state"] == "REVOKED"
+        and body["stopped_at"]
+        and body,
+        15,
+        f"task {task_id} to be REVOKED with its cancel completed",
+    )
+    assert final["outcome"] == "cooperative", f"expected a cooperative stop: {final}"
+    assert final["run_state"] == "cancelled", final
+    assert 0 <= final["latency_ms"] < 5000, f"implausible cancel latency: {final}"
+    requested = datetime.fromisoformat(final["cancel_requested_at"])
+    stopped = datetime.fromisoformat(final["stopped_at"])
+    expected_ms = (stopped - requested).total_seconds() * 1000
+    assert final["latency_ms"] == pytest.approx(expected_ms, abs=0.01), final
