@@ -12,6 +12,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest's default temp folders rotate (it keeps the last three per user), so another pytest
+# run on the same machine could delete a running suite's bakes; keep ours in the checkout.
+BASETEMP := $(CURDIR)/.pytest-tmp
+PYTEST := $(BIN)/python -m pytest --basetemp=$(BASETEMP)
 
 .PHONY: help test test-fast lint format demo services clean
 
@@ -28,10 +32,10 @@ services: $(STAMP)
 	$(BIN)/python scripts/check_services.py
 
 test: services
-	$(BIN)/python -m pytest tests/ $(PYTEST_ARGS)
+	$(PYTEST) tests/ $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/ -m 'not e2e' $(PYTEST_ARGS)
+	$(PYTEST) tests/ -m 'not e2e' $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check hooks tests scripts
@@ -45,5 +49,5 @@ demo: services
 	$(BIN)/python scripts/demo.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest-tmp .pytest_cache .ruff_cache
 	find hooks tests scripts -name __pycache__ -type d -prune -exec rm -rf {} +

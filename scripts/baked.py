@@ -46,6 +46,7 @@ PROJECT_VARIABLES: Final = frozenset(
         "CELERY_BROKER_URL",
         "CELERY_RESULT_BACKEND",
         "CELERY_TASK_DEFAULT_QUEUE",
+        "TASKSIGNAL_CHANNEL",
         "PORT",
         "WEB_CONCURRENCY",
         "CELERY_WORKER_CONCURRENCY",
@@ -267,19 +268,54 @@ def project_env(bin_dir: Path, **values: str) -> dict[str, str]:
     return environment
 
 
-def production_values(*, database: str, queue: str, port: int | None = None) -> dict[str, str]:
-    """Return realistic production settings for a run on this machine."""
+def dotenv_values(path: Path) -> dict[str, str]:
+    r"""Read ``KEY=value`` lines of a dotenv file (comments and blank lines skipped).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     env_file = Path(folder) / ".env"
+    ...     _ = env_file.write_text("# c\nA=1\nexport B='two'\n\nC=\n", encoding="utf-8")
+    ...     dotenv_values(env_file)
+    {'A': '1', 'B': 'two', 'C': ''}
+    """
+    values = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, equals, value = stripped.removeprefix("export ").partition("=")
+        if equals:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key.strip()] = value
+    return values
+
+
+def isolation_values(*, database: str, namespace: str) -> dict[str, str]:
+    """Return the settings that keep one run apart from every other user of the servers.
+
+    Its own database, its own Celery queue and its own task-signal channel: a worker started
+    with these consumes nothing of anyone else's and hears no one else's signals.
+    """
     broker = redis_url()
-    values = {
-        "DJANGO_SETTINGS_MODULE": "config.settings.production",
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "DJANGO_DEBUG": "False",
+    return {
         "DATABASE_URL": database,
         "REDIS_URL": broker,
         "CELERY_BROKER_URL": broker,
         "CELERY_RESULT_BACKEND": broker,
-        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "CELERY_TASK_DEFAULT_QUEUE": namespace,
+        "TASKSIGNAL_CHANNEL": f"{namespace}:tasksignal",
+    }
+
+
+def production_values(*, database: str, namespace: str, port: int | None = None) -> dict[str, str]:
+    """Return realistic production settings for a run on this machine, isolated by ``namespace``."""
+    values = isolation_values(database=database, namespace=namespace) | {
+        "DJANGO_SETTINGS_MODULE": "config.settings.production",
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DJANGO_DEBUG": "False",
         "WEB_CONCURRENCY": "2",
         "CELERY_WORKER_CONCURRENCY": "2",
     }

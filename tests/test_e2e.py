@@ -1,0 +1,358 @@
+"""End to end: a baked project installs, passes Django's checks and its own tests, and runs.
+
+Two bakes are exercised: the defaults, and a lean variant (no Docker, no beat, Flower on, no
+demo app, no CI, closed source) on the running interpreter's Python version. Each is copied out
+of the session's bake cache, installed into a fresh virtualenv with uv, and then:
+
+* ``manage.py check`` and ``makemigrations --check`` pass with the developer's ``.env``;
+* ``check --deploy --fail-level WARNING`` passes with production settings and realistic values;
+* the project's own pytest suite passes against real PostgreSQL and Redis;
+* the Procfile's processes start as a platform would start them, ``/healthz`` answers 200
+  through gunicorn, and SIGTERM to each main process ends it cleanly with no orphan left.
+
+Isolation: every test creates and drops its own database, and every started worker uses its
+own Celery queue and task-signal channel, so runs never collide with other users of the shared
+PostgreSQL and Redis. The tests of this module never run in parallel with each other.
+
+Developer-side commands run with the ``.env`` the post-generation hook wrote, as a developer
+would. Production-side commands run with that file hidden and only an explicit environment,
+as in a container or on a platform, where ``.env`` is never deployed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from baked import (
+    WORKER_READY,
+    Service,
+    ServiceNotReadyError,
+    create_venv,
+    find_python,
+    free_port,
+    isolation_values,
+    parse_procfile,
+    production_values,
+    project_env,
+    run,
+    scratch_database,
+    start_service,
+    unique_name,
+    wait_for_http,
+    wait_for_log,
+)
+from conftest import Bake
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+
+RUNNING_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+VARIANTS = {
+    "default": {},
+    "lean": {
+        "use_docker": "n",
+        "use_celery_beat": "n",
+        "use_flower": "y",
+        "include_demo_tasks": "n",
+        "ci_tool": "none",
+        "open_source_license": "Not open source",
+        "python_version": RUNNING_PYTHON,
+    },
+}
+
+#: Exit codes that mean "stopped cleanly after SIGTERM", per Procfile process type.
+#: gunicorn and celery (worker and beat) exit 0 after a graceful/warm shutdown.
+GRACEFUL_EXIT_CODES: dict[str, set[int]] = {
+    "web": {0},
+    "worker": {0},
+    "beat": {0},
+    "flower": {0},
+}
+
+#: Seconds a process may take to stop after SIGTERM (gunicorn's graceful timeout is 20 s).
+STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class Installed:
+    """A baked project copied to a scratch folder and installed into its own virtualenv."""
+
+    answers: Mapping[str, str]
+    path: Path
+    bin_dir: Path
+    python_version: str
+
+    @property
+    def python(self) -> str:
+        """The virtualenv's interpreter."""
+        return str(self.bin_dir / "python")
+
+    def developer_env(self, database: str, namespace: str) -> dict[str, str]:
+        """A developer's environment: the project reads .env; only isolation is set here."""
+        return project_env(self.bin_dir, **isolation_values(database=database, namespace=namespace))
+
+    @contextmanager
+    def without_dotenv(self) -> Iterator[None]:
+        """Hide the project's .env for the duration of the block, as a deployment lacks it."""
+        dotenv, hidden = self.path / ".env", self.path.parent / "hidden.env"
+        dotenv.rename(hidden)
+        try:
+            yield
+        finally:
+            hidden.rename(dotenv)
+
+    def procfile(self) -> dict[str, str]:
+        """The Procfile's process types and commands."""
+        return parse_procfile((self.path / "Procfile").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
+def installed(
+    request: pytest.FixtureRequest,
+    bake: Callable[[Mapping[str, str]], Bake],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Installed:
+    """A bake of one variant, copied out of the cache and installed with uv."""
+    baked = bake(VARIANTS[request.param])
+    workspace = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    project = workspace / baked.project.name
+    shutil.copytree(baked.project, project, symlinks=True)
+
+    version = baked.answers["python_version"]
+    python = find_python(version)
+    if python is None:
+        warnings.warn(
+            f"no Python {version} on this machine; installing with {RUNNING_PYTHON} instead",
+            stacklevel=1,
+        )
+        python = sys.executable
+    try:
+        bin_dir = create_venv(project, python)
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"installing the baked project failed:\n{error.stdout}\n{error.stderr}")
+    return Installed(
+        answers=baked.answers,
+        path=project,
+        bin_dir=bin_dir,
+        python_version=version,
+    )
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A database of this test's own, dropped afterwards; yields its URL."""
+    with scratch_database("tse2e") as url:
+        yield url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A Celery queue and signal-channel name no one else uses."""
+    return unique_name("tse2e")
+
+
+def _output(result: subprocess.CompletedProcess[str], lines: int = 60) -> str:
+    return "\n".join(result.stdout.splitlines()[-lines:])
+
+
+# --- Django checks ----------------------------------------------------------------------------
+
+
+def test_system_check_passes(installed: Installed, database: str, namespace: str) -> None:
+    result = run(
+        [installed.python, "manage.py", "check", "--fail-level", "WARNING"],
+        cwd=installed.path,
+        env=installed.developer_env(database, namespace),
+    )
+    assert result.returncode == 0, f"manage.py check failed:\n{_output(result)}"
+
+
+def test_every_model_change_has_a_migration(
+    installed: Installed, database: str, namespace: str
+) -> None:
+    result = run(
+        [installed.python, "manage.py", "makemigrations", "--check", "--dry-run"],
+        cwd=installed.path,
+        env=installed.developer_env(database, namespace),
+    )
+    assert result.returncode == 0, f"models changed without a migration:\n{_output(result)}"
+
+
+def test_deploy_check_passes_with_production_settings(
+    installed: Installed, database: str, namespace: str
+) -> None:
+    with installed.without_dotenv():
+        result = run(
+            [installed.python, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+            cwd=installed.path,
+            env=project_env(
+                installed.bin_dir, **production_values(database=database, namespace=namespace)
+            ),
+        )
+    assert result.returncode == 0, f"check --deploy found problems:\n{_output(result)}"
+
+
+def test_migrations_apply_to_an_empty_database(
+    installed: Installed, database: str, namespace: str
+) -> None:
+    with installed.without_dotenv():
+        result = run(
+            ["bin/migrate"],
+            cwd=installed.path,
+            env=project_env(
+                installed.bin_dir, **production_values(database=database, namespace=namespace)
+            ),
+        )
+    assert result.returncode == 0, f"bin/migrate failed:\n{_output(result)}"
+
+
+# --- the project's own tests ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(1200)
+def test_project_test_suite_passes(installed: Installed, database: str, namespace: str) -> None:
+    result = run(
+        [installed.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=installed.path,
+        env=installed.developer_env(database, namespace),
+        timeout=1100,
+    )
+    assert result.returncode == 0, (
+        f"the baked project's own tests failed (exit {result.returncode}):\n{_output(result, 120)}"
+    )
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Procfile processes started for one test; whatever is left is killed at teardown."""
+
+    installed: Installed
+    env: dict[str, str]
+    log_dir: Path
+    web_port: int
+    flower_port: int
+    services: dict[str, Service] = field(default_factory=dict)
+
+    def start(self, name: str) -> Service:
+        """Start the Procfile process ``name`` and wait until it is ready."""
+        command = self.installed.procfile()[name]
+        service = start_service(
+            name, command, cwd=self.installed.path, env=self.env, log_dir=self.log_dir
+        )
+        self.services[name] = service
+        try:
+            self._wait_until_ready(service)
+        except ServiceNotReadyError as error:
+            pytest.fail(str(error))
+        return service
+
+    def _wait_until_ready(self, service: Service) -> None:
+        if service.name == "web":
+            wait_for_http(f"http://127.0.0.1:{self.web_port}/healthz", service)
+        elif service.name == "worker":
+            wait_for_log(service, WORKER_READY)
+        elif service.name == "beat":
+            wait_for_log(service, r"beat: Starting\.\.\.")
+        elif service.name == "flower":
+            wait_for_http(f"http://127.0.0.1:{self.flower_port}/healthcheck", service)
+
+    def stop(self, name: str) -> tuple[int | None, list[int]]:
+        """SIGTERM the main process of ``name``; return its exit code and any pids left."""
+        service = self.services[name]
+        code = service.terminate(timeout=STOP_TIMEOUT)
+        return code, service.wait_for_group_exit()
+
+    def kill_all(self) -> None:
+        """Kill every process group this stack started."""
+        for service in self.services.values():
+            service.kill_group()
+
+
+@pytest.fixture
+def stack(installed: Installed, database: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+    """Production settings on a migrated database of this test's own, ready to start processes."""
+    web_port, flower_port = free_port(), free_port()
+    env = project_env(
+        installed.bin_dir,
+        **production_values(database=database, namespace=namespace, port=web_port),
+        FLOWER_PORT=str(flower_port),
+        CELERY_BEAT_SCHEDULE_FILE=str(tmp_path / "celerybeat-schedule"),
+    )
+    with installed.without_dotenv():
+        migrate = run(["bin/migrate"], cwd=installed.path, env=env)
+        assert migrate.returncode == 0, f"bin/migrate failed:\n{_output(migrate)}"
+        started = Stack(installed, env, tmp_path, web_port, flower_port)
+        try:
+            yield started
+        finally:
+            started.kill_all()
+
+
+def test_web_answers_healthz_with_200_through_gunicorn(stack: Stack) -> None:
+    web = stack.start("web")
+    status, body = wait_for_http(f"http://127.0.0.1:{stack.web_port}/healthz", web, timeout=10)
+    assert status == 200, f"/healthz answered {status}: {body}"
+    assert "gunicorn" in web.log().lower(), "the web process is not gunicorn"
+
+
+def test_web_and_worker_stop_cleanly_on_sigterm(stack: Stack) -> None:
+    stack.start("web")
+    stack.start("worker")
+    problems = []
+    for name in ("web", "worker"):
+        code, leftovers = stack.stop(name)
+        if code not in GRACEFUL_EXIT_CODES[name]:
+            problems.append(
+                f"{name} exited with {code} after SIGTERM:\n{stack.services[name].log_tail()}"
+            )
+        if leftovers:
+            problems.append(f"{name} left processes behind after exiting: pids {leftovers}")
+    assert not problems, "\n".join(problems)
+
+
+def test_optional_processes_start_and_stop_cleanly(stack: Stack) -> None:
+    optional = [name for name in ("beat", "flower") if name in stack.installed.procfile()]
+    if not optional:
+        pytest.skip("this variant has neither beat nor flower")
+    problems = []
+    for name in optional:
+        stack.start(name)
+        code, leftovers = stack.stop(name)
+        if code not in GRACEFUL_EXIT_CODES[name]:
+            problems.append(
+                f"{name} exited with {code} after SIGTERM:\n{stack.services[name].log_tail()}"
+            )
+        if leftovers:
+            problems.append(f"{name} left processes behind after exiting: pids {leftovers}")
+    assert not problems, "\n".join(problems)
+
+
+def test_worker_runs_a_demo_task_sent_from_the_shell(stack: Stack) -> None:
+    if stack.installed.answers["include_demo_tasks"] != "y":
+        pytest.skip("this variant has no demo tasks")
+    stack.start("worker")
+    result = run(
+        [
+            stack.installed.python,
+            "manage.py",
+            "shell",
+            "-c",
+            "from demo.tasks import add; print('result:', add.delay(2, 3).get(timeout=30))",
+        ],
+        cwd=stack.installed.path,
+        env=stack.env,
+        timeout=90,
+    )
+    assert result.returncode == 0, f"sending demo.tasks.add failed:\n{_output(result)}"
+    assert "result: 5" in result.stdout, f"add(2, 3) did not come back as 5:\n{_output(result)}"
