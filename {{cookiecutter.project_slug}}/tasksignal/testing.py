@@ -32,6 +32,7 @@ class WorkerProcess:
 
     ``env`` adds to (and overrides) the environment; the queue, the channel and the
     settings module default to the current process's so that tasks sent from here reach it.
+    ``queue`` gives the worker a queue of its own (send with ``apply_async(queue=...)``).
     ``app`` is the Celery app used to ping it (default: the current one); pass one bound to
     the worker's broker when ``env`` gives it another.
     """
@@ -42,6 +43,7 @@ class WorkerProcess:
         concurrency: int = 2,
         pool: str = "prefork",
         hostname: str | None = None,
+        queue: str | None = None,
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
@@ -50,6 +52,7 @@ class WorkerProcess:
         app=None,
     ) -> None:
         self.hostname = hostname or f"worker-{uuid.uuid4().hex[:8]}@%h"
+        self.queue = queue or settings.CELERY_TASK_DEFAULT_QUEUE
         self.concurrency = concurrency
         self.pool = pool
         self.extra_args = extra_args
@@ -96,6 +99,8 @@ class WorkerProcess:
             self.hostname,
             "--without-mingle",
             "--without-gossip",
+            "--queues",
+            self.queue,
             *self.extra_args,
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -5,9 +5,11 @@ another process and cannot see a test's open transaction.
 """
 
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
+from django.conf import settings
 from django.db import connection
 
 import tests.tasks  # noqa: F401 - registers the test-only signal kind in this process too
@@ -49,7 +51,10 @@ def make_worker(transactional_db, tmp_path_factory):
     """Start extra workers for one test; all are stopped afterwards, even if the test fails."""
     started: list[WorkerProcess] = []
 
-    def make(**kwargs) -> WorkerProcess:
+    def make(own_queue: bool = True, **kwargs) -> WorkerProcess:
+        # Its own queue, so the session's shared worker cannot take this test's tasks.
+        if own_queue:
+            kwargs.setdefault("queue", f"{settings.CELERY_TASK_DEFAULT_QUEUE}-{uuid.uuid4().hex[:6]}")
         # start() cleans up after itself when it fails, so only started workers are kept.
         started.append(start_worker(tmp_path_factory, **kwargs))
         return started[-1]

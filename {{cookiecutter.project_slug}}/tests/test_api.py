@@ -92,7 +92,7 @@ def parse_time(value: str) -> datetime:
 def test_start_records_a_queued_run_and_answers_202(api, settings):
     settings.TASKSIGNAL_STARTABLE_TASKS = [STARTABLE]
     body = expect(api.post("/api/tasks/", {"task": STARTABLE, "kwargs": {"n": 1}}), 202)
-    assert body["task"] == STARTABLE and body["state"] == "queued", body
+    assert (body["task"], body["state"]) == (STARTABLE, "queued"), body
     run = TaskRun.objects.filter(task_id=body["id"]).first()
     assert run is not None, f"no TaskRun row for started task {body['id']}"
     assert (run.task_name, run.state) == (STARTABLE, "queued"), (run.task_name, run.state)
@@ -213,7 +213,7 @@ def test_status_reports_the_cancel_outcome_and_its_latency_from_the_database_clo
 def test_status_says_paused_when_the_run_is_paused(api, run):
     TaskRun.objects.filter(pk=run.pk).update(state=TaskRun.State.PAUSED)
     body = expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
-    assert body["paused"] is True and body["run_state"] == "paused", body
+    assert (body["paused"], body["run_state"]) == (True, "paused"), body
 
 
 def test_status_reports_the_result_of_a_successful_task(api, run):
@@ -291,6 +291,11 @@ def test_sending_the_same_signal_twice_returns_the_same_pending_row(api, run, ve
     assert CeleryTaskSignal.objects.filter(task_id=run.task_id).count() == 1
 
 
+def test_signal_accepts_the_empty_form_django_test_client_sends_for_no_body(client, superuser, run):
+    headers = {"Authorization": f"Bearer {create_token(superuser)[1]}"}
+    expect(client.post(f"/api/tasks/{run.task_id}/cancel/", headers=headers), 202)
+
+
 def test_signal_records_the_message_and_the_user_who_sent_it(api, run, superuser):
     expect(api.post(f"/api/tasks/{run.task_id}/cancel/", {"message": "user pressed stop"}), 202)
     row = CeleryTaskSignal.objects.get(task_id=run.task_id)
@@ -320,7 +325,9 @@ def test_signal_to_an_unknown_task_is_404_and_sends_nothing(api):
 
 def test_signals_endpoint_sends_a_registered_kind_by_name(api, run):
     body = expect(
-        api.post(f"/api/tasks/{run.task_id}/signals/", {"signal": "append_message", "message": "m"}),
+        api.post(
+            f"/api/tasks/{run.task_id}/signals/", {"signal": "append_message", "message": "m"}
+        ),
         202,
     )
     assert body["signal"] == "append_message", body
@@ -328,7 +335,8 @@ def test_signals_endpoint_sends_a_registered_kind_by_name(api, run):
 
 def test_signals_endpoint_answers_400_naming_the_known_kinds_for_an_unknown_signal(api, run):
     body = expect(api.post(f"/api/tasks/{run.task_id}/signals/", {"signal": "explode"}), 400)
-    assert "unknown signal 'explode'" in body["error"] and "cancel_task" in body["error"], body
+    assert "unknown signal 'explode'" in body["error"], body
+    assert "cancel_task" in body["error"], f"the known kinds are not named: {body}"
 
 
 # -- the revoke baseline --------------------------------------------------------------------
@@ -338,9 +346,7 @@ def test_revoke_baseline_is_404_unless_enabled(api, run, settings):
     assert "TASKSIGNAL_API_BASELINE_REVOKE" in body["error"], body
 
 
-def test_revoke_baseline_when_enabled_answers_the_database_time_of_the_request(
-    api, run, settings
-):
+def test_revoke_baseline_when_enabled_answers_the_database_time_of_the_request(api, run, settings):
     settings.TASKSIGNAL_API_BASELINE_REVOKE = True
     before = timezone.now()
     body = expect(api.post(f"/api/tasks/{run.task_id}/revoke/"), 202)
@@ -368,7 +374,9 @@ def test_an_unknown_token_is_401_invalid_token(client, run):
 
 
 def test_a_non_bearer_scheme_is_401(client, run):
-    response = client.get(f"/api/tasks/{run.task_id}/", headers={"Authorization": "Basic cm9vdDpwdw=="})
+    response = client.get(
+        f"/api/tasks/{run.task_id}/", headers={"Authorization": "Basic cm9vdDpwdw=="}
+    )
     expect(response, 401)
 
 
@@ -460,7 +468,8 @@ def test_tokens_are_stored_as_the_sha256_of_the_secret_only(superuser):
     assert row["key_hash"] == hashlib.sha256(secret.encode()).hexdigest(), row
     leaked = [name for name, value in row.items() if isinstance(value, str) and secret in value]
     assert not leaked, f"the plaintext secret is stored in {leaked}"
-    assert secret.startswith(row["prefix"]) and len(row["prefix"]) < len(secret) // 2, row
+    assert secret.startswith(row["prefix"]), f"prefix {row['prefix']} does not start the secret"
+    assert len(row["prefix"]) < len(secret) // 2, f"prefix {row['prefix']} gives half away"
 
 
 def test_create_api_token_prints_a_token_that_authenticates(client, superuser, run, capsys):
@@ -494,4 +503,3 @@ def test_a_wrong_method_is_405_with_allow(api, run, method, path, allow):
 @pytest.mark.parametrize("path", ["/api/", "/api/nope", "/api/tasks/x/cancel", "/api/tasks//"])
 def test_an_unknown_path_under_the_api_is_a_json_404(api, path):
     expect(api.get(path), 404)
-

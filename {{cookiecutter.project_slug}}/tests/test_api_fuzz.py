@@ -38,8 +38,6 @@ def wsgi_in_test_transaction(db):
     request_finished.connect(close_old_connections)
 
 
-
-
 @pytest.fixture
 def fuzz_auth(django_user_model) -> dict[str, str]:
     """Headers of a superuser's token."""
@@ -70,7 +68,9 @@ CONFIGURED_VALUES = {"task": FUZZ_TASK, "signal": "cancel_task"}
 
 @pytest.mark.django_db
 @schema.parametrize()
-@hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@hypothesis_settings(
+    max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck)
+)
 def test_every_answer_conforms_to_the_document_and_none_is_a_server_error(
     case, fuzz_auth, known_task_id, wsgi_in_test_transaction, settings
 ):

@@ -65,9 +65,10 @@ def _gone(pid: int) -> bool:
 
 def test_interrupt_mid_query_leaves_the_process_a_working_connection(make_worker):
     with make_worker(concurrency=1) as single:
-        result = tasks.query_postgres_sleep.delay()
+        result = tasks.query_postgres_sleep.apply_async(queue=single.queue)
         signal = cancel_running(result)
         assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
         # Same (only) process: its next database task must work.
-        assert tasks.count_users.delay("nobody-").get(timeout=15) == 0
+        answer = tasks.count_users.apply_async(("nobody-",), queue=single.queue).get(timeout=15)
+        assert answer == 0
         assert single.process.poll() is None, "the worker died"

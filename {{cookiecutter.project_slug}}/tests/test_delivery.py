@@ -46,9 +46,9 @@ def test_rolled_back_signal_is_never_published():
 
 def test_prefetched_task_cancelled_while_queued_is_skipped(make_worker, tmp_path):
     marker = tmp_path / "started"
-    with make_worker(concurrency=1):
-        blocker = tasks.echo.delay("blocker", 2.0)
-        queued = tasks.mark_started.delay(str(marker))
+    with make_worker(concurrency=1) as single:
+        blocker = tasks.echo.apply_async(("blocker", 2.0), queue=single.queue)
+        queued = tasks.mark_started.apply_async((str(marker),), queue=single.queue)
         signal = CeleryTaskSignal.objects.cancel(queued.id)
         assert blocker.get(timeout=15) == "blocker"
         signal = wait_until_completed(signal)
@@ -62,33 +62,36 @@ def test_task_redelivered_after_its_worker_died_is_skipped_once_cancelled(
     marker = tmp_path / "started"
     short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "3"}
     first = make_worker(concurrency=1, env=short_visibility)
-    result = tasks.mark_started.delay(str(marker), 60)
+    result = tasks.mark_started.apply_async((str(marker), 60), queue=first.queue)
     wait_for(lambda: marker.exists(), 10, "the task to start on the first worker")
     first.kill()  # the message was never acknowledged (acks_late): it will come back
     signal = CeleryTaskSignal.objects.cancel(result.id)
-    with make_worker(concurrency=1, env=short_visibility):
+    with make_worker(concurrency=1, env=short_visibility, queue=first.queue):
         signal = wait_until_completed(signal, timeout=30)
     assert signal.outcome == "skipped", f"expected skipped on redelivery, got {signal.outcome}"
     assert marker.read_text().splitlines() == [result.id], "the body ran again after redelivery"
 
 
-def test_two_workers_with_different_hostnames_each_honour_cancels(worker, make_worker):
-    with make_worker(concurrency=2, hostname="second@%h") as second:
-        results = [tasks.count_with_checkpoints.delay() for _ in range(8)]
-        for result in results:
-            wait_until_running(result)
-        signals = [CeleryTaskSignal.objects.cancel(r.id) for r in results]
-        outcomes = [wait_until_completed(s).outcome for s in signals]
-        hosts = {result.id: _run_worker(result.id) for result in results}
-    assert outcomes == ["cooperative"] * 8, f"outcomes: {outcomes}"
-    assert any(second.node_name == host for host in hosts.values()), (
-        f"no task ran on the second worker: {hosts}"
-    )
+def test_two_workers_with_different_hostnames_each_honour_cancels(make_worker):
+    first = make_worker(concurrency=2, hostname="first@%h")
+    second = make_worker(concurrency=2, hostname="second@%h", queue=first.queue)
+    results = [
+        tasks.count_with_checkpoints.apply_async(kwargs={"steps": 100_000}, queue=first.queue)
+        for _ in range(4)
+    ]
+    for result in results:
+        wait_until_running(result)
+    signals = [CeleryTaskSignal.objects.cancel(r.id) for r in results]
+    outcomes = [wait_until_completed(s).outcome for s in signals]
+    hosts = {_run_worker(result.id) for result in results}
+    assert outcomes == ["cooperative"] * 4, f"outcomes: {outcomes}"
+    assert hosts == {first.node_name, second.node_name}, f"tasks ran on {hosts}"
 
 
 def _run_worker(task_id: str) -> str:
     from tasksignal.models import TaskRun
 
+    wait_for(lambda: TaskRun.objects.filter(task_id=task_id).exists(), 5, f"a record of {task_id}")
     return TaskRun.objects.get(task_id=task_id).worker
 
 
@@ -156,11 +159,11 @@ def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
         "TASKSIGNAL_REDIS_URL": private_redis.url,
     }
     app = private_app(private_redis.url)
-    with make_worker(concurrency=1, env=urls, app=app):
+    with make_worker(concurrency=1, env=urls, app=app) as private_worker:
         result = app.send_task(
             "tests.tasks.count_with_checkpoints",
             kwargs={"steps": 3000},
-            queue=settings.CELERY_TASK_DEFAULT_QUEUE,
+            queue=private_worker.queue,
         )
         wait_until_running(result)
         private_redis.stop()
@@ -175,6 +178,6 @@ def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
         # A fresh client: the first one's result listener gave up while Redis was down.
         after = private_app(private_redis.url)
         answer = after.send_task(
-            "tests.tasks.echo", args=("after restart",), queue=settings.CELERY_TASK_DEFAULT_QUEUE
+            "tests.tasks.echo", args=("after restart",), queue=private_worker.queue
         ).get(timeout=30)
         assert answer == "after restart", "worker did not serve again after Redis came back"

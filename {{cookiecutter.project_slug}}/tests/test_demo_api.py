@@ -5,6 +5,7 @@ from datetime import datetime
 import pytest
 
 from tasksignal.auth import create_token
+from tasksignal.models import TaskRun
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -43,16 +44,43 @@ def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker,
     assert response.status_code == 202, f"cancel: {response.content!r}"
 
     final = wait_for(
-        lambda: (body := status(client, headers, task_id))["state"] == "REVOKED"
-        and body["stopped_at"]
-        and body,
+        lambda: (
+            (body := status(client, headers, task_id))["state"] == "REVOKED"
+            and body["stopped_at"]
+            and body
+        ),
         15,
         f"task {task_id} to be REVOKED with its cancel completed",
     )
     assert final["outcome"] == "cooperative", f"expected a cooperative stop: {final}"
-    assert final["run_state"] == "cancelled", final
     assert 0 <= final["latency_ms"] < 5000, f"implausible cancel latency: {final}"
     requested = datetime.fromisoformat(final["cancel_requested_at"])
     stopped = datetime.fromisoformat(final["stopped_at"])
     expected_ms = (stopped - requested).total_seconds() * 1000
     assert final["latency_ms"] == pytest.approx(expected_ms, abs=0.01), final
+
+
+def test_the_revoke_baseline_kills_the_process_running_the_task(worker, client, headers, settings):
+    settings.TASKSIGNAL_API_BASELINE_REVOKE = True
+    response = client.post(
+        "/api/tasks/",
+        {"task": "demo.tasks.sleepy_job", "kwargs": {"seconds": 60}},
+        content_type="application/json",
+        headers=headers,
+    )
+    assert response.status_code == 202, f"start: {response.content!r}"
+    task_id = response.json()["id"]
+    wait_for(
+        lambda: status(client, headers, task_id)["run_state"] == "running",
+        15,
+        f"the worker to record {task_id} as running",
+    )
+    pid = TaskRun.objects.get(task_id=task_id).pid
+    assert pid in worker.child_pids(), f"run record names pid {pid}, not a worker child"
+
+    response = client.post(f"/api/tasks/{task_id}/revoke/", headers=headers)
+    assert response.status_code == 202, f"revoke: {response.content!r}"
+    assert response.json()["revoked_at"], response.json()
+
+    wait_for(lambda: pid not in worker.child_pids(), 15, f"child {pid} to be killed")
+    assert status(client, headers, task_id)["state"] == "REVOKED"

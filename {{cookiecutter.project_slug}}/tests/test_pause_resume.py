@@ -12,12 +12,13 @@ from tests.conftest import wait_for, wait_until_completed, wait_until_running
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 
-def run_state(result) -> str:
-    return TaskRun.objects.get(task_id=result.id).state
+def run_state(result) -> str | None:
+    """The run's recorded state (None until the worker's first batched write)."""
+    return TaskRun.objects.filter(task_id=result.id).values_list("state", flat=True).first()
 
 
 def progress(result) -> float | None:
-    return TaskRun.objects.get(task_id=result.id).progress_current
+    return TaskRun.objects.filter(task_id=result.id).values_list("progress_current", flat=True).first()
 
 
 def test_paused_task_is_recorded_as_paused(worker):
