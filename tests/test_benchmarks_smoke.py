@@ -4,8 +4,9 @@ The default bake is copied out of the session's bake cache and its benchmarks ru
 ``python -m benchmarks --quick`` (tiny sizes, real prefork workers) against a database of
 their own. The tests then read the JSON files: every benchmark wrote one, with the agreed
 keys, an environment, targets with a verdict, and figures that are numbers of the right
-sign. No figure is compared with a threshold: a quick run on a shared machine says nothing
-about speed, only that the benchmarks work.
+sign; ``python -m benchmarks.report`` turns them into Markdown. No figure is compared with
+a threshold: a quick run on a shared machine says nothing about speed, only that the
+benchmarks work.
 
 The project's dependencies come from the running interpreter when it already has them (a
 developer's virtualenv); otherwise the copy is installed into its own virtualenv with uv,
@@ -50,10 +51,11 @@ TARGET_KEYS = {"name", "value", "op", "limit", "unit", "passed"}
 
 @dataclass(frozen=True)
 class QuickRun:
-    """One ``python -m benchmarks --quick`` of a baked project: its output and its JSON."""
+    """One ``python -m benchmarks --quick`` of a baked project: its output, JSON and report."""
 
     completed: subprocess.CompletedProcess[str]
     results: dict[str, dict]
+    report: subprocess.CompletedProcess[str]
 
     def output(self, lines: int = 80) -> str:
         """The end of what the run printed, for failure messages."""
@@ -108,7 +110,12 @@ def quick_run(
         path.stem: json.loads(path.read_text(encoding="utf-8"))
         for path in output_dir.glob("*.json")
     }
-    return QuickRun(completed=completed, results=results)
+    report = run(
+        [str(python), "-m", "benchmarks.report", "--output-dir", str(output_dir)],
+        cwd=project,
+        env=env,
+    )
+    return QuickRun(completed=completed, results=results, report=report)
 
 
 def test_quick_run_exits_zero(quick_run: QuickRun) -> None:
@@ -172,3 +179,9 @@ def test_cancel_latency_figures_are_sane(quick_run: QuickRun) -> None:
     for case, figures in result["results"]["revoke_terminate"].items():
         assert figures["trials"] >= 1, case
         assert 0 <= figures["stopped"] <= figures["trials"]
+
+
+def test_report_prints_markdown_of_every_result(quick_run: QuickRun) -> None:
+    assert quick_run.report.returncode == 0, quick_run.report.stdout
+    for title in ("Checkpoint cost", "Throughput", "Cancel latency"):
+        assert f"#### {title}" in quick_run.report.stdout, quick_run.report.stdout

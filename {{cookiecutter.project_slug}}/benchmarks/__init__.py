@@ -16,6 +16,7 @@ Run them from the project folder, with PostgreSQL and Redis up and the database 
     python -m benchmarks                  # all, default sizes (about three minutes)
     python -m benchmarks --quick          # all, tiny sizes (a smoke test, figures meaningless)
     python -m benchmarks.checkpoint       # one of them; --help lists its sizes
+    python -m benchmarks.report           # the latest results as Markdown tables
 
 Each writes ``benchmarks/results/<name>.json`` (figures, environment, targets with pass or
 fail) and prints a short table. Every run starts its own worker on a queue and signal

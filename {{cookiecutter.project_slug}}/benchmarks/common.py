@@ -40,9 +40,10 @@ _redis_clients: dict = {}
 def setup() -> str:
     """Set Django up for a benchmark run (once per process); return the run's id.
 
-    The queue (``CELERY_TASK_DEFAULT_QUEUE``) and the signal channel (``TASKSIGNAL_CHANNEL``)
-    are always replaced by names unique to the run, whatever the environment or ``.env``
-    says: a benchmark must never consume a real queue.
+    The queue (``CELERY_TASK_DEFAULT_QUEUE``), the signal channel (``TASKSIGNAL_CHANNEL``)
+    and the broker's key prefix (``CELERY_BROKER_KEY_PREFIX``) are always replaced by names
+    unique to the run, whatever the environment or ``.env`` says: a benchmark must never
+    consume a real queue, nor have its messages redelivered by somebody else's worker.
     """
     global _run_id
     if _run_id is not None:
@@ -51,6 +52,9 @@ def setup() -> str:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", DEFAULT_SETTINGS)
     os.environ["CELERY_TASK_DEFAULT_QUEUE"] = _run_id
     os.environ["TASKSIGNAL_CHANNEL"] = f"{_run_id}:tasksignal"
+    # Broker keys of their own too: kombu keeps unacknowledged messages in one hash per
+    # key prefix, and any worker sharing it may redeliver them (its visibility timeout).
+    os.environ["CELERY_BROKER_KEY_PREFIX"] = f"{_run_id}:"
     os.environ["DJANGO_DEBUG"] = "False"
     project_dir = str(Path(__file__).resolve().parent.parent)
     if project_dir not in sys.path:

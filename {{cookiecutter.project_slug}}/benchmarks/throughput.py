@@ -15,6 +15,8 @@ Three figures say where a difference comes from:
   main process and the PostgreSQL backends of this database (when PostgreSQL runs on this
   machine), read from the operating system around each batch. Less sensitive to other
   load than throughput, and it shows what the run records cost the database.
+  ``cpu_ratio`` (plain over signal-aware) is where the throughput ratio tends when the
+  CPUs are the bottleneck.
 * ``records_off``: a second worker with ``TASKSIGNAL_RECORD_RUNS=False`` measured the
   same way (skip it with ``--no-records-off``): what is left without the run records.
 
@@ -34,7 +36,7 @@ import psutil
 from benchmarks import common
 
 NAME = "throughput"
-DEFAULTS = {"rounds": 5, "tasks": 1000, "warmup": 100, "records_off": True}
+DEFAULTS = {"rounds": 6, "tasks": 500, "warmup": 100, "records_off": True}
 QUICK = {"rounds": 2, "tasks": 20, "warmup": 4, "records_off": True}
 MIN_RATIO = 0.95
 KINDS = ("signal_aware", "plain")
@@ -146,13 +148,18 @@ def _cpu_summary(per_round: list[dict]) -> dict:
 def _phase_results(figures: dict, rounds: int) -> dict:
     rates = figures["rates"]
     median = {kind: common.percentile(rates[kind], 0.5) for kind in KINDS}
+    cpu = {kind: _cpu_summary(figures["cpu_ms_per_1000"][kind]) for kind in KINDS}
     return {
         "tasks_per_second": {kind: common.summarize(rates[kind], 1) for kind in KINDS},
         "ratio_of_medians": round(median["signal_aware"] / median["plain"], 3),
         "paired_ratio": common.summarize(figures["paired_ratios"], 3),
-        "cpu_ms_per_1000_tasks": {
-            kind: _cpu_summary(figures["cpu_ms_per_1000"][kind]) for kind in KINDS
-        },
+        "cpu_ms_per_1000_tasks": cpu,
+        # Where the throughput ratio tends when the CPUs are the bottleneck.
+        "cpu_ratio": (
+            round(cpu["plain"]["total"] / cpu["signal_aware"]["total"], 3)
+            if cpu["signal_aware"]["total"]
+            else None
+        ),
         "rounds": [
             {kind: round(rates[kind][i], 1) for kind in KINDS}
             | {"ratio": round(figures["paired_ratios"][i], 3)}
@@ -311,8 +318,13 @@ def report(payload: dict, path) -> None:
         f" max {results['paired_ratio']['max']}); run records"
         f" {results['run_records']['written']}/{results['run_records']['expected']}"
     )
+    print(f"  CPU ratio (plain / signal-aware CPU per task) {results['cpu_ratio']}")
     if "records_off" in results:
-        print(f"  records off: ratio of medians {results['records_off']['ratio_of_medians']}")
+        off = results["records_off"]
+        print(
+            f"  records off: ratio of medians {off['ratio_of_medians']},"
+            f" CPU ratio {off['cpu_ratio']}"
+        )
     common.print_targets(payload)
     print(f"  -> {path}")
 
