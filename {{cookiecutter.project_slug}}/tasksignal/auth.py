@@ -20,12 +20,12 @@ from django.middleware.csrf import CsrfViewMiddleware
 from tasksignal.models import ApiToken
 
 #: Start of every secret, so a leaked token is recognisable (secret scanners, logs).
-TOKEN_PREFIX = "tsk_"
+TOKEN_PREFIX = "tsk_"  # noqa: S105 - a public marker, not a secret
 #: Longest ``Authorization`` credential worth hashing; real secrets are 47 characters.
 MAX_SECRET_LENGTH = 200
 
 
-class AuthenticationFailed(Exception):  # noqa: N818 - named like Django REST framework's
+class AuthenticationFailed(Exception):
     """No usable credentials: the API answers 401 with ``WWW-Authenticate: Bearer``."""
 
     def __init__(self, message: str, *, invalid_token: bool = False) -> None:

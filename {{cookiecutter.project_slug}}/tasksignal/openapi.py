@@ -201,6 +201,9 @@ def _schemas() -> dict:
     }
 
 
+START_ERRORS = ("BadRequest", "Unauthorized", "Forbidden", "PayloadTooLarge", "ServiceUnavailable")
+
+
 def _operation(summary: str, responses: dict, *, errors: tuple[str, ...], **extra) -> dict:
     responses = dict(responses)
     codes = {
@@ -226,8 +229,7 @@ def build_document() -> dict:
         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
     }
     read = ("Unauthorized", "Forbidden", "NotFound", "ServiceUnavailable")
-    write = ("BadRequest", "Unauthorized", "Forbidden", "NotFound", "PayloadTooLarge")
-    write = (*write, "ServiceUnavailable")
+    write = ("BadRequest", "PayloadTooLarge", *read)
     signal_body = {
         "required": False,
         "content": {"application/json": {"schema": _ref("schemas", "SignalRequest")}},
@@ -272,8 +274,7 @@ def build_document() -> dict:
                         },
                     )
                 },
-                errors=("BadRequest", "Unauthorized", "Forbidden", "PayloadTooLarge")
-                + ("ServiceUnavailable",),
+                errors=START_ERRORS,
                 description="Queues one of the tasks in TASKSIGNAL_STARTABLE_TASKS. Needs the "
                 "tasksignal.add_taskrun permission.",
                 operationId="start_task",
@@ -301,9 +302,7 @@ def build_document() -> dict:
         _path("task-pause"): {
             "post": signal_operation("pause", "Blocks the task at its next checkpoint.")
         },
-        _path("task-resume"): {
-            "post": signal_operation("resume", "Lets a paused task carry on.")
-        },
+        _path("task-resume"): {"post": signal_operation("resume", "Lets a paused task carry on.")},
         _path("task-signal"): {
             "post": _operation(
                 "Send any signal",
