@@ -8,8 +8,7 @@ class DemoConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from tasksignal.registry import register_signal
-
         from demo.tasks import set_step_seconds
+        from tasksignal.registry import register_signal
 
         register_signal("set_step_seconds", set_step_seconds, label="Set seconds per step")

@@ -72,7 +72,9 @@ class SignalAwareTask(DjangoTask):
 
     def resolved_cancel_grace(self) -> float:
         """``cancel_grace``, or the setting when the task does not set it."""
-        return conf.get("TASKSIGNAL_CANCEL_GRACE") if self.cancel_grace is None else self.cancel_grace
+        return (
+            conf.get("TASKSIGNAL_CANCEL_GRACE") if self.cancel_grace is None else self.cancel_grace
+        )
 
     def resolved_kill_after(self) -> float:
         """``kill_after``, or the setting when the task does not set it."""
@@ -122,7 +124,9 @@ class SignalAwareTask(DjangoTask):
         request = self.request
         if request.called_directly:
             return super().__call__(*args, **kwargs)
-        run = runtime.begin(request.id, self.name, request.hostname or "", self.resolved_cancel_grace())
+        run = runtime.begin(
+            request.id, self.name, request.hostname or "", self.resolved_cancel_grace()
+        )
         try:
             if run.cancel is not None:
                 raise TaskCancelled(request.id, CeleryTaskSignal.Outcome.SKIPPED)
@@ -152,7 +156,9 @@ class SignalAwareTask(DjangoTask):
             if cancel_id is not None:
                 CeleryTaskSignal.objects.filter(pk=cancel_id).complete(outcome)
         except Exception:
-            logger.exception("could not complete cancel %s of %s; the sweep will", cancel_id, run.task_id)
+            logger.exception(
+                "could not complete cancel %s of %s; the sweep will", cancel_id, run.task_id
+            )
         runtime.end(run, "cancelled")
         reason = f"cancelled ({outcome})" + ("" if cleanup_ok else ", cleanup failed")
         try:

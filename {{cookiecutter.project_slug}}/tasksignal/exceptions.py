@@ -3,7 +3,7 @@
 from django.core.exceptions import BadRequest
 
 
-class TaskCancelled(BaseException):  # noqa: N818 - the public name users catch and read
+class TaskCancelled(BaseException):
     """Raised inside a task to stop it because a cancel signal arrived.
 
     A ``BaseException`` (like ``KeyboardInterrupt``) so that ``except Exception:`` in task
@@ -11,7 +11,9 @@ class TaskCancelled(BaseException):  # noqa: N818 - the public name users catch 
     """
 
     def __init__(self, task_id: str = "", outcome: str = "interrupted", message: str = "") -> None:
-        super().__init__(f"task {task_id} cancelled ({outcome})" + (f": {message}" if message else ""))
+        super().__init__(
+            f"task {task_id} cancelled ({outcome})" + (f": {message}" if message else "")
+        )
         self.task_id = task_id
         self.outcome = outcome
         self.message = message

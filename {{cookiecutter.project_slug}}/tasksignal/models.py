@@ -131,7 +131,9 @@ class CeleryTaskSignal(models.Model):
             )
         ]
         indexes = [
-            models.Index(fields=["created"], condition=Q(completed=False), name="tasksignal_pending"),
+            models.Index(
+                fields=["created"], condition=Q(completed=False), name="tasksignal_pending"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -53,4 +53,6 @@ def publish(row) -> None:
     try:
         client().publish(conf.get("TASKSIGNAL_CHANNEL"), encode(row))
     except redis.RedisError:
-        logger.warning("could not publish signal %s; workers will read it from the database", row.pk)
+        logger.warning(
+            "could not publish signal %s; workers will read it from the database", row.pk
+        )

@@ -148,10 +148,12 @@ class Runtime:
         if not self._synced.wait(FIRST_SYNC_TIMEOUT):
             logger.warning("no pending-signal read yet; %s starts without it", task_id)
         run = Run(task_id, task_name, cancel_grace)
-        if threading.current_thread() is threading.main_thread():
-            # Installed per run, not once: billiard may reset handlers between tasks.
-            if signal.getsignal(INTERRUPT_SIGNAL) is not _raise_if_interrupted:
-                signal.signal(INTERRUPT_SIGNAL, _raise_if_interrupted)
+        # Installed per run, not once: billiard may reset handlers between tasks.
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(INTERRUPT_SIGNAL) is not _raise_if_interrupted
+        ):
+            signal.signal(INTERRUPT_SIGNAL, _raise_if_interrupted)
         with self._lock:
             self.current = run
             for payload in self._pending.get(task_id, {}).values():
@@ -189,7 +191,7 @@ class Runtime:
             entry.update(fields)
 
     def complete(self, signal_ids: list[int], outcome: str) -> None:
-        """Have the writer complete these signals with ``outcome`` (outside any task transaction)."""
+        """Queue these signals for the writer to complete with ``outcome`` (its own transaction)."""
         self._outbox.put((tuple(signal_ids), outcome))
 
     def handle_attention(self, task, run: Run) -> None:
@@ -269,10 +271,9 @@ class Runtime:
         if payload["id"] in run.seen:
             return
         run.seen.add(payload["id"])
-        if payload["signal"] == CANCEL_TASK:
-            if run.cancel is None:
-                run.cancel = payload
-                run.interrupt_at = time.monotonic() + run.cancel_grace
+        if payload["signal"] == CANCEL_TASK and run.cancel is None:
+            run.cancel = payload
+            run.interrupt_at = time.monotonic() + run.cancel_grace
         run.inbox.append(payload)
         run.attention = True
         run.wake.set()
@@ -293,9 +294,7 @@ class Runtime:
         from tasksignal.models import CeleryTaskSignal
 
         started = time.monotonic()
-        rows = list(
-            CeleryTaskSignal.objects.pending().values("id", "task_id", "signal", "message")
-        )
+        rows = list(CeleryTaskSignal.objects.pending().values("id", "task_id", "signal", "message"))
         fresh: dict[str, dict[int, dict]] = {}
         for row in rows:
             fresh.setdefault(row["task_id"], {})[row["id"]] = row

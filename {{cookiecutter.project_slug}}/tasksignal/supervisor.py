@@ -114,7 +114,9 @@ class CancelSupervisor(bootsteps.StartStopStep):
         if request is None or not request.worker_pid:
             return False
         pid = request.worker_pid
-        if not kill_if_running(pid, task_id, lambda: request.terminate(self.worker.pool, "SIGKILL")):
+        if not kill_if_running(
+            pid, task_id, lambda: request.terminate(self.worker.pool, "SIGKILL")
+        ):
             return False
         self._record_kill(task_id, request.name, signal_id)
         logger.warning("killed pid %s to stop cancelled task %s", pid, task_id)

@@ -12,6 +12,7 @@ still alive after ``stop_timeout`` is killed with its whole group, so a test nev
 orphans behind.
 """
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -116,7 +117,9 @@ class WorkerProcess:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}: {self.log_tail()}")
+                raise RuntimeError(
+                    f"worker exited with {self.process.returncode}: {self.log_tail()}"
+                )
             if app.control.ping(destination=[self.node_name], timeout=0.5):
                 return self
         self.kill()
@@ -149,10 +152,8 @@ class WorkerProcess:
         self.process.wait(10)
 
     def _kill_group(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the worker's log, for failure messages."""

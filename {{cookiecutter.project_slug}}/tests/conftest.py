@@ -54,7 +54,9 @@ def make_worker(transactional_db, tmp_path_factory):
     def make(own_queue: bool = True, **kwargs) -> WorkerProcess:
         # Its own queue, so the session's shared worker cannot take this test's tasks.
         if own_queue:
-            kwargs.setdefault("queue", f"{settings.CELERY_TASK_DEFAULT_QUEUE}-{uuid.uuid4().hex[:6]}")
+            kwargs.setdefault(
+                "queue", f"{settings.CELERY_TASK_DEFAULT_QUEUE}-{uuid.uuid4().hex[:6]}"
+            )
         # start() cleans up after itself when it fails, so only started workers are kept.
         started.append(start_worker(tmp_path_factory, **kwargs))
         return started[-1]

@@ -37,7 +37,9 @@ def run_action(client, action: str, runs):
 def test_cancel_action_sends_a_cancel_to_each_selected_running_task(admin_client, runs):
     response = run_action(admin_client, "cancel_selected", runs)
     assert response.status_code == 200
-    pending = set(CeleryTaskSignal.objects.pending(signal="cancel_task").values_list("task_id", flat=True))
+    pending = set(
+        CeleryTaskSignal.objects.pending(signal="cancel_task").values_list("task_id", flat=True)
+    )
     assert pending == {run.task_id for run in runs}, f"cancels pending for {pending}"
 
 

@@ -103,4 +103,6 @@ def test_cancel_of_a_finished_task_is_too_late(worker):
 
 def test_celery_soft_time_limit_still_fires_in_a_signal_aware_task(worker):
     result = tasks.exceed_soft_time_limit.delay()
-    assert result.get(timeout=15) == "soft time limit", "SoftTimeLimitExceeded did not reach the task"
+    assert result.get(timeout=15) == "soft time limit", (
+        "SoftTimeLimitExceeded did not reach the task"
+    )

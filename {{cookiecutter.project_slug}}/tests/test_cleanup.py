@@ -25,7 +25,9 @@ def test_on_cancel_and_cleanups_run_exactly_once_last_registered_first(worker, t
     lines = wait_for(lambda: log.exists() and log.read_text().splitlines(), 5, "cleanups to run")
     time.sleep(tasks.CANCEL_GRACE * 3)  # a repeated interrupt must not run them again
     lines = log.read_text().splitlines()
-    assert lines == ["on_cancel", "second registered", "first registered"], f"cleanups ran as {lines}"
+    assert lines == ["on_cancel", "second registered", "first registered"], (
+        f"cleanups ran as {lines}"
+    )
 
 
 def test_cancel_rolls_back_the_tasks_open_transaction(worker):

@@ -36,11 +36,16 @@ def test_notification_is_published_only_after_the_row_commits():
     assert notify.decode(message["data"])["id"] == signal.pk
 
 
-def test_rolled_back_signal_is_never_published():
-    pubsub = subscribe()
-    with pytest.raises(RuntimeError), transaction.atomic():
+def cancel_then_roll_back() -> None:
+    with transaction.atomic():
         CeleryTaskSignal.objects.cancel("rolled-back")
         raise RuntimeError("roll back")
+
+
+def test_rolled_back_signal_is_never_published():
+    pubsub = subscribe()
+    with pytest.raises(RuntimeError):
+        cancel_then_roll_back()
     assert pubsub.get_message(timeout=0.5) is None, "a rolled-back signal was published"
 
 
@@ -56,9 +61,7 @@ def test_prefetched_task_cancelled_while_queued_is_skipped(make_worker, tmp_path
     assert not marker.exists(), "a task cancelled while queued ran its body"
 
 
-def test_task_redelivered_after_its_worker_died_is_skipped_once_cancelled(
-    make_worker, tmp_path
-):
+def test_task_redelivered_after_its_worker_died_is_skipped_once_cancelled(make_worker, tmp_path):
     marker = tmp_path / "started"
     short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "3"}
     first = make_worker(concurrency=1, env=short_visibility)
@@ -112,8 +115,19 @@ class ThrowawayRedis:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
@@ -149,9 +163,7 @@ def private_app(url: str) -> Celery:
     return app
 
 
-def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
-    private_redis, make_worker
-):
+def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(private_redis, make_worker):
     urls = {
         "REDIS_URL": private_redis.url,
         "CELERY_BROKER_URL": private_redis.url,

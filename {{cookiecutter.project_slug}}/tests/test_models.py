@@ -77,7 +77,9 @@ def test_sweep_completes_pending_signals_of_finished_runs_as_too_late():
 def test_sweep_expires_signals_for_tasks_that_never_ran(settings):
     settings.TASKSIGNAL_SIGNAL_EXPIRY = 60
     signal = CeleryTaskSignal.objects.cancel("t9")
-    CeleryTaskSignal.objects.filter(pk=signal.pk).update(created=timezone.now() - timedelta(hours=1))
+    CeleryTaskSignal.objects.filter(pk=signal.pk).update(
+        created=timezone.now() - timedelta(hours=1)
+    )
     assert sweep()["expired"] == 1
     signal.refresh_from_db()
     assert signal.outcome == "expired"
@@ -98,4 +100,5 @@ def test_sweep_purges_completed_signals_and_runs_past_retention(settings):
     CeleryTaskSignal.objects.filter(pk=signal.pk).update(completed_at=old)
     TaskRun.objects.create(task_id="t11", task_name="x", state="cancelled", finished_at=old)
     counts = sweep()
-    assert counts["signals_purged"] == 1 and counts["runs_purged"] == 1, counts
+    assert counts["signals_purged"] == 1, counts
+    assert counts["runs_purged"] == 1, counts

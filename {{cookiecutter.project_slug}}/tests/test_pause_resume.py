@@ -18,7 +18,9 @@ def run_state(result) -> str | None:
 
 
 def progress(result) -> float | None:
-    return TaskRun.objects.filter(task_id=result.id).values_list("progress_current", flat=True).first()
+    return (
+        TaskRun.objects.filter(task_id=result.id).values_list("progress_current", flat=True).first()
+    )
 
 
 def test_paused_task_is_recorded_as_paused(worker):

@@ -9,6 +9,7 @@ from pathlib import Path
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
+PROJECT_SLUG = "{{ cookiecutter.project_slug }}"
 
 env = environ.Env()
 env.read_env(BASE_DIR / ".env")
@@ -60,9 +61,7 @@ TEMPLATES = [
 ]
 
 DATABASES = {
-    "default": env.db(
-        "DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/{{ cookiecutter.project_slug }}"
-    )
+    "default": env.db("DATABASE_URL", default=f"postgres://postgres@127.0.0.1:5432/{PROJECT_SLUG}")
 }
 # Reuse connections across requests and tasks, but check them first: a worker outlives
 # many database restarts.
@@ -114,7 +113,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Kombu keeps unacknowledged messages in one hash per Redis database; another service
     # on the same database with a shorter visibility timeout would redeliver ours while
     # they run. A key prefix gives this service its own.
-    "global_keyprefix": env("CELERY_BROKER_KEY_PREFIX", default="{{ cookiecutter.project_slug }}:"),
+    "global_keyprefix": env("CELERY_BROKER_KEY_PREFIX", default=f"{PROJECT_SLUG}:"),
 }
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=24 * 3600)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -132,7 +131,7 @@ CELERY_BEAT_SCHEDULE = {
 
 # Task signalling (see tasksignal/conf.py for what each one does) ----------------------
 TASKSIGNAL_REDIS_URL = env("TASKSIGNAL_REDIS_URL", default=REDIS_URL)
-TASKSIGNAL_CHANNEL = env("TASKSIGNAL_CHANNEL", default="{{ cookiecutter.project_slug }}:tasksignal")
+TASKSIGNAL_CHANNEL = env("TASKSIGNAL_CHANNEL", default=f"{PROJECT_SLUG}:tasksignal")
 TASKSIGNAL_CANCEL_GRACE = env.float("TASKSIGNAL_CANCEL_GRACE", default=1.0)
 TASKSIGNAL_KILL_AFTER = env.float("TASKSIGNAL_KILL_AFTER", default=5.0)
 TASKSIGNAL_RECONCILE_INTERVAL = env.float("TASKSIGNAL_RECONCILE_INTERVAL", default=2.0)

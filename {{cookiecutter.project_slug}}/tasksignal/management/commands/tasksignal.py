@@ -45,7 +45,9 @@ class Command(BaseCommand):
             runs = runs.exclude(state__in=TaskRun.FINISHED_STATES)
         for run in runs:
             progress = "" if run.progress is None else f" {run.progress:.0%}"
-            self.stdout.write(f"{run.task_id}  {run.task_name}  {run.state}{progress}  {run.worker}")
+            self.stdout.write(
+                f"{run.task_id}  {run.task_name}  {run.state}{progress}  {run.worker}"
+            )
         if not runs:
             self.stdout.write("no runs")
         for signal in CeleryTaskSignal.objects.pending().order_by("created"):
