@@ -2,6 +2,8 @@
 
 from datetime import timedelta
 
+from celery import states
+from celery.result import AsyncResult
 from django.db import transaction
 from django.utils import timezone
 
@@ -9,6 +11,13 @@ from tasksignal import conf
 from tasksignal.models import CeleryTaskSignal, TaskRun
 
 BATCH_SIZE = 1000
+#: An open run record not updated for this long is checked against Celery's result.
+STALE_AFTER = timedelta(minutes=5)
+CELERY_TO_RUN_STATE = {
+    states.SUCCESS: TaskRun.State.SUCCEEDED,
+    states.FAILURE: TaskRun.State.FAILED,
+    states.REVOKED: TaskRun.State.CANCELLED,
+}
 
 
 def sweep() -> dict[str, int]:
@@ -17,17 +26,21 @@ def sweep() -> dict[str, int]:
     - a pending signal whose task run has finished is completed ``too_late``;
     - a pending signal older than ``TASKSIGNAL_SIGNAL_EXPIRY`` is completed ``expired``
       (its task never showed up);
-    - completed signals and finished runs older than ``TASKSIGNAL_RETENTION`` are deleted.
+    - completed signals and finished runs older than ``TASKSIGNAL_RETENTION`` are deleted;
+    - an open run record untouched for ``STALE_AFTER`` whose task Celery reports finished
+      is settled (its process was killed before it could write the end of the run).
 
     Returns how many rows each step touched.
     """
     now = timezone.now()
+    settled = _settle_stale_runs(now - STALE_AFTER)
     finished = TaskRun.objects.filter(state__in=TaskRun.FINISHED_STATES).values("task_id")
     too_late = CeleryTaskSignal.objects.pending().filter(task_id__in=finished)
     expiry = timedelta(seconds=conf.get("TASKSIGNAL_SIGNAL_EXPIRY"))
     expired = CeleryTaskSignal.objects.pending().filter(created__lt=now - expiry)
     retention = now - timedelta(seconds=conf.get("TASKSIGNAL_RETENTION"))
     return {
+        "runs_settled": settled,
         "too_late": too_late.complete(CeleryTaskSignal.Outcome.TOO_LATE),
         "expired": expired.complete(CeleryTaskSignal.Outcome.EXPIRED),
         "signals_purged": _delete_in_batches(
@@ -47,3 +60,15 @@ def _delete_in_batches(queryset) -> int:
             if not batch:
                 return deleted
             deleted += queryset.model.objects.filter(pk__in=batch).delete()[0]
+
+
+def _settle_stale_runs(before) -> int:
+    stale = TaskRun.objects.exclude(state__in=TaskRun.FINISHED_STATES).filter(updated_at__lt=before)
+    settled = 0
+    for run in stale[:BATCH_SIZE]:
+        state = CELERY_TO_RUN_STATE.get(AsyncResult(run.task_id).state)
+        if state is not None:
+            settled += TaskRun.objects.filter(pk=run.pk, updated_at=run.updated_at).update(
+                state=state, finished_at=timezone.now()
+            )
+    return settled

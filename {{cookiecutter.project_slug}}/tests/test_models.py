@@ -102,3 +102,21 @@ def test_sweep_purges_completed_signals_and_runs_past_retention(settings):
     counts = sweep()
     assert counts["signals_purged"] == 1, counts
     assert counts["runs_purged"] == 1, counts
+
+
+def test_sweep_settles_a_stale_running_record_whose_task_celery_reports_finished():
+    from celery import states
+    from celery.result import AsyncResult
+
+    TaskRun.objects.create(task_id="t12", task_name="x", state="running")
+    TaskRun.objects.filter(task_id="t12").update(updated_at=timezone.now() - timedelta(hours=1))
+    AsyncResult("t12").backend.store_result("t12", None, states.SUCCESS)
+    assert sweep()["runs_settled"] == 1
+    assert TaskRun.objects.get(task_id="t12").state == "succeeded"
+
+
+def test_sweep_leaves_a_stale_record_of_a_task_celery_does_not_know_finished():
+    TaskRun.objects.create(task_id="t13", task_name="x", state="running")
+    TaskRun.objects.filter(task_id="t13").update(updated_at=timezone.now() - timedelta(hours=1))
+    assert sweep()["runs_settled"] == 0
+    assert TaskRun.objects.get(task_id="t13").state == "running"
