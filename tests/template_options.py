@@ -120,7 +120,7 @@ PRESENT_WHEN: Final = (
     ("use_flower", "y", ("bin/flower",)),
     ("use_celery_beat", "y", ("bin/beat",)),
     ("ci_tool", "github", (".github/workflows/ci.yml",)),
-    ("include_demo_tasks", "y", ("demo", "loadtest")),
+    ("include_demo_tasks", "y", ("demo", "loadtest", "bin/loadtest")),
 )
 
 
@@ -133,6 +133,22 @@ def expected_presence(answers: Mapping[str, str]) -> dict[str, bool]:
     presence[".github"] = full["ci_tool"] != "none"
     presence["LICENSE"] = full["open_source_license"] != "Not open source"
     return presence
+
+
+#: Files that run or build the project: none may point at a path the options removed.
+WIRING_FILES: Final = (
+    "Procfile",
+    "Makefile",
+    "compose.yaml",
+    "Dockerfile",
+    "pyproject.toml",
+    ".github/workflows/ci.yml",
+)
+
+
+def removed_paths(answers: Mapping[str, str]) -> list[str]:
+    """The option-dependent paths that a bake with ``answers`` must not have."""
+    return sorted(path for path, wanted in expected_presence(answers).items() if not wanted)
 
 
 #: Procfile process types each bake has, and those that follow an option.

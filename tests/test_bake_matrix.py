@@ -24,9 +24,11 @@ from template_options import (
     DEFAULT_ANSWERS,
     LICENSE_MARKERS,
     PROCESS_WHEN,
+    WIRING_FILES,
     case_id,
     expected_presence,
     pairwise_cases,
+    removed_paths,
 )
 
 #: Valid answers that tend to break templates: quotes, non-ASCII, markup characters, a
@@ -165,6 +167,24 @@ def test_optional_files_are_present_exactly_when_their_option_is_on(baked: Bake)
         if baked.has(path) != wanted
     ]
     assert not wrong, f"files do not follow the options {dict(baked.answers)}: {wrong}"
+
+
+def test_wiring_files_never_point_at_removed_paths(baked: Bake) -> None:
+    # A directory counts when named with its slash ("loadtest/"), so the word alone (a
+    # Makefile target, a compose profile) is not mistaken for the path.
+    removed = [
+        path if "." in Path(path).name or "/" in path else f"{path}/"
+        for path in removed_paths(baked.answers)
+        if path not in {".github", "LICENSE"}
+    ]
+    dangling = []
+    for name in WIRING_FILES:
+        wiring = baked.project / name
+        if not wiring.is_file():
+            continue
+        for number, line in enumerate(wiring.read_text(encoding="utf-8").splitlines(), start=1):
+            dangling += [f"{name}:{number}: {path}" for path in removed if path in line]
+    assert not dangling, "references to paths these options removed:\n" + "\n".join(dangling)
 
 
 def test_no_demo_tests_ship_without_the_demo_app(no_demo_baked: Bake) -> None:

@@ -58,6 +58,7 @@ def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None
         ".github",
         "demo",
         "loadtest",
+        "bin/loadtest",
         "tests/test_demo*.py",
         "LICENSE",
     }
