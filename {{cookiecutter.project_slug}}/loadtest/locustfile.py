@@ -72,6 +72,9 @@ Settings (environment variables)
 ``LOADTEST_COOPERATIVE_DEADLINE`` / ``LOADTEST_SLACK`` / ``LOADTEST_POLL_SLACK``
     Deadline of a cooperative stop (3 s); slack added to the interrupt and kill deadlines
     (2 s); extra time the client keeps polling past a deadline before it gives up (5 s).
+``LOADTEST_MIN_CANCELS``
+    With ``bin/loadtest``: run at least ``LOADTEST_DURATION`` *and* until this many cancels
+    were sent, at most ``LOADTEST_MAX_DURATION`` (default 0: just ``LOADTEST_DURATION``).
 ``LOADTEST_SKIP_DEADLINE``
     Seconds a queued task may take to be skipped (default 10): that is the time a worker
     takes to reach it in the queue, so it bounds the queue rather than tasksignal.
@@ -103,6 +106,7 @@ from gevent.pool import Pool
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
 from locust.runners import STATE_STOPPED, MasterRunner, WorkerRunner
+from locust.util.timespan import parse_timespan
 
 logger = logging.getLogger("cancel_storm")
 
@@ -167,6 +171,8 @@ class StormSettings:
     poll_slack: float = 5.0
     sibling_deadline: float = 30.0
     skip_deadline: float = 10.0
+    min_cancels: int = 0
+    min_duration: float = 0.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> StormSettings:
@@ -182,6 +188,15 @@ class StormSettings:
             raise ValueError(f"LOADTEST_MODE must be cancel or revoke, not {mode!r}")
         default_label = "storm" if mode == "cancel" else "baseline"
         grace = _float(environ, "TASKSIGNAL_CANCEL_GRACE", 1.0)
+        min_cancels = environ.get("LOADTEST_MIN_CANCELS", "").strip() or "0"
+        if not min_cancels.isdigit():
+            raise ValueError(f"LOADTEST_MIN_CANCELS must be a whole number, not {min_cancels!r}")
+        duration = environ.get("LOADTEST_DURATION", "").strip() or "0"
+        try:
+            min_duration = float(parse_timespan(duration))
+        except ValueError:
+            message = f"LOADTEST_DURATION must look like 60s or 1m30s, not {duration!r}"
+            raise ValueError(message) from None
         return cls(
             token=token,
             mode=mode,
@@ -197,6 +212,8 @@ class StormSettings:
             poll_slack=_float(environ, "LOADTEST_POLL_SLACK", 5.0),
             sibling_deadline=_float(environ, "LOADTEST_SIBLING_DEADLINE", 30.0),
             skip_deadline=_float(environ, "LOADTEST_SKIP_DEADLINE", 10.0),
+            min_cancels=int(min_cancels),
+            min_duration=min_duration,
         )
 
     def deadline(self, step: str) -> float:
@@ -291,6 +308,7 @@ class ProcessState:
     sampler: Any = None
     started_at: float = 0.0
     settled_workers: set[str] = field(default_factory=set)
+    stopped_by: str = "run_time"
 
     def pick_shape(self, storm: StormSettings, now: float) -> Shape:
         """The next task to start: a gil_job when one is due, otherwise by weight."""
@@ -408,6 +426,9 @@ class ApiUser(FastHttpUser):
     wait_time = constant(0)
     network_timeout = 30.0
     connection_timeout = 10.0
+    # One request at a time per user: one kept-alive connection, rarely idle long enough
+    # for the server to close it (gunicorn's keepalive is 2 s).
+    concurrency = 1
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {storm_settings().token}"}
@@ -426,7 +447,7 @@ class ApiUser(FastHttpUser):
         ) as response:
             body = _json(response)
             if response.status_code != 202 or not body.get("id"):
-                response.failure(f"start {task_name}: HTTP {response.status_code} {body}")
+                response.failure(f"start {task_name}: {_status(response)} {body}")
                 return None
         flow = Flow(kind=kind, task_id=str(body["id"]), shape=shape, started=began)
         STATE.in_flight[flow.task_id] = flow
@@ -442,7 +463,7 @@ class ApiUser(FastHttpUser):
         ) as response:
             body = _json(response)
             if response.status_code != 200 or "state" not in body:
-                response.failure(f"HTTP {response.status_code} {body}")
+                response.failure(f"{_status(response)} {body}")
                 return None
         return body
 
@@ -473,19 +494,28 @@ class CancelStormUser(ApiUser):
 
     def _stop_request(self, flow: Flow, action: str) -> bool:
         sent = time.monotonic()
-        with self.client.post(
-            f"{TASKS_PATH}{flow.task_id}/{action}/",
-            json={"message": "cancel storm"},
-            headers=self._headers(),
-            name=f"POST /api/tasks/[id]/{action}/",
-            catch_response=True,
-        ) as response:
-            if response.status_code != 202:
+        for attempt in (1, 2):
+            with self.client.post(
+                f"{TASKS_PATH}{flow.task_id}/{action}/",
+                json={"message": "cancel storm"},
+                headers=self._headers(),
+                name=f"POST /api/tasks/[id]/{action}/",
+                catch_response=True,
+            ) as response:
+                if response.status_code == 202:
+                    response.success()
+                    break
+                # The API makes cancel and revoke idempotent: a request lost with a kept-alive
+                # connection the server had closed is sent again, once, and counted.
+                if attempt == 1 and not response.status_code:
+                    response.success()
+                    fire(self.environment, "STORM", "resent", 0)
+                    continue
                 hint = ""
                 if action == "revoke" and response.status_code == 404:
                     hint = " (is TASKSIGNAL_API_BASELINE_REVOKE=True on the web server?)"
-                response.failure(f"{action}: HTTP {response.status_code}{hint}")
-                self._unhonoured(flow, f"the {action} request failed: HTTP {response.status_code}")
+                response.failure(f"{action}: {_status(response)}{hint}")
+                self._unhonoured(flow, f"the {action} request failed: {_status(response)}")
                 return False
         flow.cancel_sent = sent
         fire(self.environment, "STORM", "cancelled", (time.monotonic() - sent) * 1000)
@@ -498,8 +528,9 @@ class CancelStormUser(ApiUser):
         deadlines = storm.deadlines_ms(flow.shape)
         give_up = flow.cancel_sent + storm.give_up(flow.shape)
         # Do not poll before the step can have happened: an interrupt waits for the grace.
+        # (Capped below gunicorn's 2 s keepalive, so the connection stays open.)
         first = {INTERRUPTED: storm.cancel_grace, KILLED: storm.gil_kill_after}
-        for delay in _poll_delays(0.9 * first.get(flow.shape.step, 0.0)):
+        for delay in _poll_delays(min(0.9 * first.get(flow.shape.step, 0.0), 1.5)):
             gevent.sleep(delay)
             body = self.get_task(flow.task_id)
             verdict = None if body is None else judge_cancel(flow.shape, body, deadlines)
@@ -602,6 +633,14 @@ def _seen(body: dict[str, Any] | None) -> str:
     if body is None:
         return "the API did not answer"
     return f"state {body.get('state')}, run_state {body.get('run_state')}"
+
+
+def _status(response: Any) -> str:
+    """``HTTP <status>``, or the connection error when there was no HTTP answer."""
+    error = getattr(response, "error", None)
+    if not response.status_code and error is not None:
+        return f"no HTTP answer ({type(error).__name__}: {error})"
+    return f"HTTP {response.status_code}"
 
 
 def _json(response: Any) -> dict[str, Any]:
@@ -726,6 +765,8 @@ def summarise(environment: Environment, elapsed: float) -> dict[str, Any]:
         "label": storm.label,
         "host": environment.host,
         "elapsed_s": round(elapsed, 1),
+        "stopped_by": STATE.stopped_by,
+        "min_cancels": storm.min_cancels,
         "users": dict(getattr(environment.runner, "final_user_classes_count", {}) or {}),
         "tasks_in_flight": {
             "mean": round(in_flight_mean, 1),
@@ -742,6 +783,7 @@ def summarise(environment: Environment, elapsed: float) -> dict[str, Any]:
             "siblings_cutoff": _count(environment, "SIBLING", "cutoff"),
             "http_requests": sum(e.num_requests for e in http),
             "http_failures": sum(e.num_failures for e in http),
+            "http_resent": _count(environment, "STORM", "resent"),
         },
         "honoured_per_s": round(honoured / elapsed, 1) if elapsed > 0 else 0.0,
         "http_per_s": round(sum(e.num_requests for e in http) / elapsed, 1) if elapsed > 0 else 0.0,
@@ -886,6 +928,10 @@ def on_test_start(environment: Environment, **_kwargs: Any) -> None:
     STATE.settled_workers.clear()
     STATE.next_gil_at = time.monotonic() + 2.0
     STATE.started_at = time.time()
+    STATE.stopped_by = "run_time"
+    storm = storm_settings()
+    if storm.min_cancels and not isinstance(environment.runner, WorkerRunner):
+        gevent.spawn(stop_when_enough, environment)
     if isinstance(environment.runner, MasterRunner):
         return
 
@@ -898,6 +944,22 @@ def on_test_start(environment: Environment, **_kwargs: Any) -> None:
             STATE.samples[2] = max(STATE.samples[2], current)
 
     STATE.sampler = gevent.spawn(sample)
+
+
+def stop_when_enough(environment: Environment) -> None:
+    """Master or local: end the run once it lasted ``LOADTEST_DURATION`` *and* cancelled
+    ``LOADTEST_MIN_CANCELS`` tasks (``bin/loadtest`` then makes ``--run-time`` the cap).
+    """
+    storm = storm_settings()
+    while True:
+        gevent.sleep(0.5)
+        elapsed = time.time() - STATE.started_at
+        cancelled = _count(environment, "STORM", "cancelled")
+        if elapsed >= storm.min_duration and cancelled >= storm.min_cancels:
+            logger.info("%d cancels in %.0f s: enough, stopping", cancelled, elapsed)
+            STATE.stopped_by = "min_cancels"
+            environment.runner.quit()
+            return
 
 
 @events.report_to_master.add_listener

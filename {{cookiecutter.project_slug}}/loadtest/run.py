@@ -311,16 +311,22 @@ def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return {name: round(max(after[name] - before.get(name, 0.0), 0.0), 1) for name in after}
 
 
-def database_name(env: Mapping[str, str]) -> str:
-    """The name of the database in ``DATABASE_URL`` (the environment's, else ``.env``'s)."""
-    url = env.get("DATABASE_URL", "")
+def setting(env: Mapping[str, str], name: str) -> str:
+    """A setting as the project's processes see it: the environment's, else ``.env``'s."""
+    if name in env:
+        return env[name]
     dotenv = PROJECT_DIR / ".env"
-    if not url and dotenv.is_file():
+    if dotenv.is_file():
         for line in dotenv.read_text(encoding="utf-8").splitlines():
             key, _, value = line.strip().removeprefix("export ").partition("=")
-            if key.strip() == "DATABASE_URL":
-                url = value.strip().strip("'\"")
-    return urlsplit(url).path.lstrip("/")
+            if key.strip() == name:
+                return value.strip().strip("'\"")
+    return ""
+
+
+def database_name(env: Mapping[str, str]) -> str:
+    """The name of the database in ``DATABASE_URL``, for finding its server processes."""
+    return urlsplit(setting(env, "DATABASE_URL")).path.lstrip("/")
 
 
 def api(base: str, token: str, method: str, path: str, body: dict | None = None) -> Any:
@@ -379,8 +385,14 @@ def run_storm(
         "LOADTEST_USERS": str(settings.users),
         "LOADTEST_SIBLING_USERS": str(settings.sibling_users),
     }
+    # The storm's interrupt deadline builds on the grace the worker really uses.
+    grace = setting(env, "TASKSIGNAL_CANCEL_GRACE")
+    if grace and "LOADTEST_CANCEL_GRACE" not in env:
+        storm_env["LOADTEST_CANCEL_GRACE"] = grace
     extra = [f"--processes={settings.processes}"] if settings.processes > 1 else []
-    say(f"{label}: {mode} storm for {settings.duration} against {base}")
+    until = env.get("LOADTEST_MIN_CANCELS", "0").strip()
+    more = f" and until {until} cancels" if until not in ("", "0") else ""
+    say(f"{label}: {mode} storm for {settings.duration}{more} against {base}")
     process = subprocess.Popen(
         [str(PROJECT_DIR / "bin" / "loadtest"), *extra],
         cwd=PROJECT_DIR,
