@@ -33,7 +33,7 @@ LOADTEST_REPORT_DIR ?= loadtest/reports
 
 .PHONY: loadtest
 
-loadtest:
+loadtest: ## Cancel storm, then the revoke baseline, against a local web + worker (docs/loadtest.md)
 	LOADTEST_DURATION='$(LOADTEST_DURATION)' \
 	LOADTEST_USERS='$(LOADTEST_USERS)' \
 	LOADTEST_SIBLING_USERS='$(LOADTEST_SIBLING_USERS)' \
