@@ -275,12 +275,14 @@ def test_python_files_compile(baked: Bake) -> None:
 
 def test_ruff_check_passes(baked: Bake) -> None:
     result = _run_tool([tool("ruff"), "check", "--no-cache", "."], baked.project)
-    assert result.returncode == 0, f"ruff check failed:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"ruff check failed:\n{result.stdout}{result.stderr}"
 
 
 def test_ruff_format_leaves_nothing_to_change(baked: Bake) -> None:
     result = _run_tool([tool("ruff"), "format", "--check", "--no-cache", "."], baked.project)
-    assert result.returncode == 0, f"ruff format --check failed:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"ruff format --check failed:\n{result.stdout}{result.stderr}"
 
 
 # --- docker, CI and license -------------------------------------------------------------------
@@ -293,7 +295,8 @@ def test_compose_file_matches_the_compose_spec(docker_baked: Bake) -> None:
         [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(compose)],
         docker_baked.project,
     )
-    assert result.returncode == 0, f"compose.yaml is invalid:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"compose.yaml is invalid:\n{result.stdout}{result.stderr}"
 
 
 def test_compose_services_follow_the_options(docker_baked: Bake) -> None:
@@ -334,7 +337,8 @@ def test_github_workflows_match_the_workflow_schema(github_baked: Bake) -> None:
         ],
         github_baked.project,
     )
-    assert result.returncode == 0, f"invalid GitHub workflow:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"invalid GitHub workflow:\n{result.stdout}{result.stderr}"
 
 
 def test_github_workflow_tests_on_the_chosen_python_version(github_baked: Bake) -> None:

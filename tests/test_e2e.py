@@ -1,6 +1,6 @@
 """End to end: a baked project installs, passes Django's checks and its own tests, and runs.
 
-Two bakes are exercised: the defaults, and a lean variant (no Docker, no beat, Flower on, no
+Two bakes are exercised: the defaults, and a slim variant (no Docker, no beat, Flower on, no
 demo app, no CI, closed source) on the running interpreter's Python version. Each is copied out
 of the session's bake cache, installed into a fresh virtualenv with uv, and then:
 
@@ -57,7 +57,7 @@ RUNNING_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 VARIANTS = {
     "default": {},
-    "lean": {
+    "slim": {
         "use_docker": "n",
         "use_celery_beat": "n",
         "use_flower": "y",
@@ -172,7 +172,8 @@ def test_system_check_passes(installed: Installed, database: str, namespace: str
         cwd=installed.path,
         env=installed.developer_env(database, namespace),
     )
-    assert result.returncode == 0, f"manage.py check failed:\n{_output(result)}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"manage.py check failed:\n{_output(result)}"
 
 
 def test_every_model_change_has_a_migration(
@@ -183,7 +184,8 @@ def test_every_model_change_has_a_migration(
         cwd=installed.path,
         env=installed.developer_env(database, namespace),
     )
-    assert result.returncode == 0, f"models changed without a migration:\n{_output(result)}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"models changed without a migration:\n{_output(result)}"
 
 
 def test_deploy_check_passes_with_production_settings(
@@ -197,7 +199,8 @@ def test_deploy_check_passes_with_production_settings(
                 installed.bin_dir, **production_values(database=database, namespace=namespace)
             ),
         )
-    assert result.returncode == 0, f"check --deploy found problems:\n{_output(result)}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"check --deploy found problems:\n{_output(result)}"
 
 
 def test_migrations_apply_to_an_empty_database(
@@ -211,7 +214,8 @@ def test_migrations_apply_to_an_empty_database(
                 installed.bin_dir, **production_values(database=database, namespace=namespace)
             ),
         )
-    assert result.returncode == 0, f"bin/migrate failed:\n{_output(result)}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"bin/migrate failed:\n{_output(result)}"
 
 
 # --- the project's own tests ------------------------------------------------------------------
@@ -225,7 +229,8 @@ def test_project_test_suite_passes(installed: Installed, database: str, namespac
         env=installed.developer_env(database, namespace),
         timeout=1100,
     )
-    assert result.returncode == 0, (
+    exit_code = result.returncode
+    assert exit_code == 0, (
         f"the baked project's own tests failed (exit {result.returncode}):\n{_output(result, 120)}"
     )
 
@@ -291,7 +296,8 @@ def stack(installed: Installed, database: str, namespace: str, tmp_path: Path) -
     )
     with installed.without_dotenv():
         migrate = run(["bin/migrate"], cwd=installed.path, env=env)
-        assert migrate.returncode == 0, f"bin/migrate failed:\n{_output(migrate)}"
+        exit_code = migrate.returncode
+        assert exit_code == 0, f"bin/migrate failed:\n{_output(migrate)}"
         started = Stack(installed, env, tmp_path, web_port, flower_port)
         try:
             yield started
@@ -354,5 +360,6 @@ def test_worker_runs_a_demo_task_sent_from_the_shell(stack: Stack) -> None:
         env=stack.env,
         timeout=90,
     )
-    assert result.returncode == 0, f"sending demo.tasks.add failed:\n{_output(result)}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"sending demo.tasks.add failed:\n{_output(result)}"
     assert "result: 5" in result.stdout, f"add(2, 3) did not come back as 5:\n{_output(result)}"

@@ -175,7 +175,8 @@ def test_rendered_hook_round_trips_quotes_backslashes_and_unicode(tmp_path: Path
     result = _run(_render_hook(tmp_path, answers))
     # The description is rejected (double quotes); what matters is that the rendered hook ran
     # and reported the description intact, which proves every answer survived the rendering.
-    assert result.returncode == 1, f"rendered hook failed to run: {result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 1, f"rendered hook failed to run: {result.stderr}"
     assert result.stderr.strip() == (
         f'ERROR: description {answers["description"]!r} must not contain double quotes (")'
         " or backslashes (\\)"
@@ -184,13 +185,15 @@ def test_rendered_hook_round_trips_quotes_backslashes_and_unicode(tmp_path: Path
 
 def test_rendered_hook_exits_zero_for_default_answers(tmp_path: Path) -> None:
     result = _run(_render_hook(tmp_path, dict(DEFAULT_ANSWERS)))
-    assert result.returncode == 0, f"the default answers were rejected: {result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"the default answers were rejected: {result.stderr}"
     assert result.stderr == "", f"a successful validation printed: {result.stderr!r}"
 
 
 def test_rendered_hook_prints_one_line_and_exits_one_for_a_bad_answer(tmp_path: Path) -> None:
     result = _run(_render_hook(tmp_path, DEFAULT_ANSWERS | {"project_slug": "Bad-Slug"}))
-    assert result.returncode == 1, f"Bad-Slug gave exit {result.returncode}"
+    exit_code = result.returncode
+    assert exit_code == 1, f"Bad-Slug gave exit {result.returncode}"
     lines = result.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {lines}"
     assert lines[0].startswith("ERROR: project_slug 'Bad-Slug' must be a lowercase"), lines[0]

@@ -61,22 +61,26 @@ def test_template_ci_workflow_matches_the_workflow_schema() -> None:
             ".github/workflows/template-ci.yml",
         ]
     )
-    assert result.returncode == 0, f"template-ci.yml is invalid:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"template-ci.yml is invalid:\n{result.stdout}{result.stderr}"
 
 
 def test_template_code_passes_ruff_check() -> None:
     result = _run([tool("ruff"), "check", "--no-cache", "hooks", "tests", "scripts"])
-    assert result.returncode == 0, f"ruff check:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"ruff check:\n{result.stdout}{result.stderr}"
 
 
 def test_template_code_is_ruff_formatted() -> None:
     result = _run([tool("ruff"), "format", "--check", "--no-cache", "hooks", "tests", "scripts"])
-    assert result.returncode == 0, f"ruff format --check:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"ruff format --check:\n{result.stdout}{result.stderr}"
 
 
 def test_service_check_passes_when_both_services_answer() -> None:
     result = _run([sys.executable, "scripts/check_services.py"])
-    assert result.returncode == 0, f"services reported down:\n{result.stdout}{result.stderr}"
+    exit_code = result.returncode
+    assert exit_code == 0, f"services reported down:\n{result.stdout}{result.stderr}"
     assert "ok: PostgreSQL" in result.stdout
     assert "ok: Redis" in result.stdout
 
@@ -87,9 +91,8 @@ def test_service_check_says_how_to_start_what_is_down() -> None:
         DATABASE_URL="postgres://postgres@127.0.0.1:9/postgres",
         REDIS_URL="redis://127.0.0.1:9/0",
     )
-    assert result.returncode == 2, (
-        f"expected exit 2 with both services down, got {result.returncode}"
-    )
+    exit_code = result.returncode
+    assert exit_code == 2, f"expected exit 2 with both services down, got {result.returncode}"
     advice = result.stderr
     for command in (
         "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
