@@ -166,6 +166,23 @@ def test_start_answers_503_and_forgets_the_run_when_the_broker_is_down(api, sett
     assert not TaskRun.objects.exists(), "a task that was never queued still has a queued run"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_start_answers_503_when_the_result_backend_gives_up_reconnecting(
+    api, settings, monkeypatch
+):
+    settings.TASKSIGNAL_STARTABLE_TASKS = [STARTABLE]
+
+    def backend_gave_up(*args, **kwargs):
+        # What Celery's Redis result backend raises when it cannot subscribe to the result.
+        cause = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1")
+        raise RuntimeError("Retry limit exceeded while trying to reconnect") from cause
+
+    monkeypatch.setattr(current_app, "send_task", backend_gave_up)
+    body = expect(api.post("/api/tasks/", {"task": STARTABLE}), 503)
+    assert "Redis" in body["error"], body
+    assert not TaskRun.objects.exists(), "a task that was never queued still has a queued run"
+
+
 # -- reading a task -------------------------------------------------------------------------
 def test_status_of_a_running_task_reports_its_run(api, run):
     run.progress_current, run.progress_total = 3, 4
