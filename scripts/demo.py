@@ -131,7 +131,11 @@ def run_demo() -> None:
         )
         if shell.returncode != 0:
             raise DemoError(f"the task round trip failed:\n{shell.stdout}")
-        step(f"demo.tasks.add(2, 3) ran on the worker and returned {shell.stdout.strip()}")
+        # Django's shell may print a line of its own first; the task's result is the last line.
+        answer = shell.stdout.strip().splitlines()[-1] if shell.stdout.strip() else "nothing"
+        step(f"demo.tasks.add(2, 3) ran on the worker and returned {answer}")
+        if answer != "5":
+            raise DemoError(f"expected 5 from add(2, 3), got {answer!r}")
     finally:
         problems = _stop(services)
         drop_database(namespace)
