@@ -28,9 +28,9 @@ Measured by the driver's clock from the ``revoke()`` call, polling every millise
   written by its ``finally:`` block) or its process is gone (or a zombie).
 
 A trial that has not stopped after ``STOP_TIMEOUT`` seconds counts as not stopped; the
-benchmark then kills that pool process itself (a second ``revoke`` would find nothing to
-terminate: Celery already counts the task as ended, and would give the deaf process the
-next task).
+benchmark then kills that pool process itself. A second ``revoke`` would not: Celery
+already counts the task as ended and answers "terminate: tasks unknown", while the process
+keeps its CPU and its pool slot until the hard time limit.
 "Right process" means the process that stopped is the one that ran the task and the
 worker's other child survived.
 
@@ -193,7 +193,7 @@ def revoke_trial(client, worker, task, signal: str) -> dict:
     _stopped_pids.add(pid)
     if not trial["stopped"]:
         # Celery already counts the task as ended: a second revoke finds no request to
-        # terminate, and the pool would hand the next task to this deaf child. Kill it.
+        # terminate, and the process would hold its pool slot until the time limit.
         os.kill(pid, signal_module.SIGKILL)
         common.poll(lambda: _process_gone(pid), timeout=10.0, interval=0.01)
     result.forget()

@@ -1,9 +1,9 @@
 """What every benchmark shares: Django set-up, the worker, statistics, results and markers.
 
 A benchmark script calls :func:`setup` before it imports anything from Django or the
-project: it gives the run its own Celery queue and signal channel (so the run neither
-takes nor disturbs anybody else's tasks), turns ``DEBUG`` off (Django then keeps no log
-of queries, as in production) and sets Django up.
+project: it gives the run its own Celery queue, signal channel and broker key prefix (so
+the run neither takes nor disturbs anybody else's tasks), turns ``DEBUG`` off (Django then
+keeps no log of queries, as in production) and sets Django up.
 
 Tasks tell the driver that they are running, and on which process, with *markers*: small
 Redis keys written by :func:`mark` in the worker and read by :func:`wait_for_mark` here.

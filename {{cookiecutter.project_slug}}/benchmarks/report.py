@@ -57,6 +57,8 @@ def checkpoint_table(result: dict) -> list[str]:
         f"| `checkpoint()`, nothing pending | {_fmt(r['checkpoint_ns'])}"
         f" | {_fmt(r['checkpoint_ns_per_call']['min'])}"
         f" | {_verdict(result, 'checkpoint cost per call (p50)')} |",
+        f"| `checkpoint()`, task thread's CPU time | {_fmt(r.get('checkpoint_cpu_ns'))}"
+        f" | {_fmt((r.get('checkpoint_cpu_ns_per_call') or {}).get('min'))} | |",
         f"| `AbortableTask.is_aborted()` (baseline) | {_fmt(r['is_aborted_ns'], 0)}"
         f" | {_fmt(r['is_aborted_ns_per_call']['min'], 0)} | |",
         f"| ratio is_aborted / checkpoint | {_fmt(r['ratio_is_aborted_over_checkpoint'], 0)}x"
