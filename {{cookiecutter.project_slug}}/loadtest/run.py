@@ -10,8 +10,9 @@
 3. Runs ``bin/loadtest`` once per mode: the tasksignal storm (``cancel``), then the same storm
    stopping its tasks with ``revoke(terminate=True)`` (``revoke``, the baseline).
 4. Stops everything it started, whatever happened (SIGTERM, then SIGKILL for the whole
-   process group), writes ``summary.json`` with both runs side by side, prints it, and exits
-   with the storm's exit code: the baseline is reported, never gated on.
+   process group), purges what is left in its queue, writes ``summary.json`` with both runs
+   side by side, prints it, and exits with the storm's exit code: the baseline is reported,
+   never gated on.
 
 Settings (environment variables; defaults in brackets):
 ``LOADTEST_DURATION`` [60s] per mode, ``LOADTEST_USERS`` [64] storm users (one task in flight
@@ -369,6 +370,30 @@ def wait_until_ready(base: str, token: str, services: list[Service], timeout: fl
     raise LoadTestError(f"servers not ready within {timeout:.0f} s ({last_error})\n{tails}")
 
 
+def purge_queue(env: Mapping[str, str]) -> str:
+    """Drop the messages left in the run's own queue (its name is never used again)."""
+    completed = subprocess.run(
+        [
+            "celery",
+            "--app",
+            "config",
+            "purge",
+            "--force",
+            "--queues",
+            env["CELERY_TASK_DEFAULT_QUEUE"],
+        ],
+        cwd=PROJECT_DIR,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = (completed.stdout + completed.stderr).strip().splitlines()
+    return lines[-1] if lines else f"celery purge exited {completed.returncode}"
+
+
 def run_storm(
     settings: RunSettings, env: Mapping[str, str], mode: str, base: str, token: str
 ) -> int:
@@ -554,7 +579,7 @@ def main() -> int:
         for service in reversed(services):
             service.stop()
         if services:
-            say("stopped")
+            say(f"stopped; leftover queue: {purge_queue(env)}")
     document = combine(settings, codes, cpu)
     print(f"\n{format_table(document)}\nsummary: {settings.report_dir / 'summary.json'}")
     if "cancel" in codes:
