@@ -152,13 +152,13 @@ class SignalAwareTask(DjangoTask):
         else:
             cleanup_ok = self._clean_up(run, exc, outcome)
         cancel_id = (run.cancel or {}).get("id")
-        try:
-            if cancel_id is not None:
+        if cancel_id is not None:
+            try:
                 CeleryTaskSignal.objects.filter(pk=cancel_id).complete(outcome)
-        except Exception:
-            logger.exception(
-                "could not complete cancel %s of %s; the sweep will", cancel_id, run.task_id
-            )
+            except Exception:
+                # Database unreachable right now: the writer thread retries until it is back.
+                logger.exception("could not complete cancel %s now; retrying", cancel_id)
+                runtime.complete([cancel_id], outcome)
         runtime.end(run, "cancelled")
         reason = f"cancelled ({outcome})" + ("" if cleanup_ok else ", cleanup failed")
         try:

@@ -163,8 +163,11 @@ class CeleryTaskSignal(models.Model):
 class TaskRun(models.Model):
     """What a signal-aware task run is doing, for operators (admin, API, command line).
 
-    Written from the worker in batches a few times a second, not once per event, so it
-    costs the task nothing it would notice; it can lag the task by that much.
+    Written from the worker in batches four times a second, not once per event, so it
+    costs the task nothing it would notice; it can lag the task by that much. A run that
+    starts and succeeds between two writes leaves no row of its own (it was never visible
+    as running); it only updates a row that already existed, such as the ``queued`` row the
+    API creates. Runs that last longer, fail, pause or are cancelled are always recorded.
     """
 
     class State(models.TextChoices):

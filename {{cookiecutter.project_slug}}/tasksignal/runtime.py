@@ -30,10 +30,12 @@ import queue
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import redis
 from django.db import DatabaseError, connections
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from tasksignal import conf, notify
@@ -46,7 +48,8 @@ logger = logging.getLogger(__name__)
 INTERRUPT_SIGNAL = signal.SIGUSR2
 #: How often the writer flushes run records (seconds).
 RECORD_FLUSH_INTERVAL = 0.25
-#: How many finished task ids a process remembers, to answer a late cancel with ``too_late``.
+#: How many finished (not cancelled) task ids a process remembers, to answer a late cancel
+#: with ``too_late``.
 RECENT_RUNS = 1000
 #: Wait at most this long at a run's start for the first read of pending signals.
 FIRST_SYNC_TIMEOUT = 5.0
@@ -168,7 +171,8 @@ class Runtime:
         self._slot.clear()
         with self._lock:
             self.current = None
-            self._recent.append(run.task_id)
+            if state != "cancelled":  # a cancel that arrives for it now came too late
+                self._recent.append(run.task_id)
             unhandled = [p["id"] for p in run.inbox if p["signal"] != CANCEL_TASK]
             if run.cancel is not None and state != "cancelled":
                 unhandled.append(run.cancel["id"])
@@ -256,7 +260,7 @@ class Runtime:
 
     def reap_subprocesses(self, timeout: float = 1.0) -> None:
         """Terminate (then kill) the processes this task started; prefork children only."""
-        if not self.is_pool_child:
+        if not self.is_pool_child or not _has_children():
             return
         children = psutil.Process().children(recursive=True)
         for child in children:
@@ -417,6 +421,25 @@ class Runtime:
 
         with self._lock:
             records, self._records = self._records, {}
+        # A run that started and succeeded since the last write was never visible as running:
+        # inserting a row for it is the expensive part of recording (an upsert and its index
+        # writes per task). Only update a row someone created for it (the API does).
+        brief = [
+            task_id
+            for task_id, values in records.items()
+            if "started_at" in values and values.get("state") == TaskRun.State.SUCCEEDED
+        ]
+        if brief:
+            TaskRun.objects.filter(task_id__in=brief).update(
+                state=TaskRun.State.SUCCEEDED,
+                worker=self.hostname,
+                pid=self.pid,
+                started_at=Coalesce("started_at", Now()),
+                finished_at=Now(),
+                updated_at=Now(),
+            )
+            for task_id in brief:
+                del records[task_id]
         if not records:
             return
         fields = ["task_name", "worker", "state", "pid", "started_at", "finished_at"]
@@ -433,6 +456,17 @@ class Runtime:
                 unique_fields=["task_id"],
                 update_fields=[*update_fields, "updated_at"],
             )
+
+
+def _has_children() -> bool:
+    """Whether this process has children; on Linux read from /proc, not a process-table scan."""
+    files = list(Path(f"/proc/{os.getpid()}/task").glob("*/children"))
+    if not files:
+        return True  # no such files on this system: let psutil look
+    try:
+        return any(path.read_text().strip() for path in files)
+    except OSError:
+        return True
 
 
 def _raise_if_interrupted(signum, frame) -> None:

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 #: Seconds between looks at this worker's cancelled tasks; a deadline learnt late is
 #: still met because it is computed from the cancel's age.
 SUPERVISE_INTERVAL = 0.5
+#: Seconds before checking again a task past its deadline that was not killable yet.
+RETRY_INTERVAL = 0.1
 
 
 class CancelSupervisor(bootsteps.StartStopStep):
@@ -106,17 +108,22 @@ class CancelSupervisor(bootsteps.StartStopStep):
     def kill_if_still_running(self, task_id: str, signal_id: int) -> bool:
         """Kill the child running ``task_id`` if, frozen, it is proven to still run it.
 
-        When it does not kill, the next ``supervise()`` schedules another check for as long
-        as the task stays active (for example while the child is still starting it).
+        When it does not kill, it checks again after ``RETRY_INTERVAL`` for as long as the
+        task stays active (for example while the child is still starting it).
         """
         self.deadlines.pop(task_id, None)
         request = next((r for r in list(worker_state.active_requests) if r.id == task_id), None)
-        if request is None or not request.worker_pid:
-            return False
+        if request is None:
+            return False  # it ended
         pid = request.worker_pid
-        if not kill_if_running(
+        if not pid or not kill_if_running(
             pid, task_id, lambda: request.terminate(self.worker.pool, "SIGKILL")
         ):
+            # Not started in its process yet, or the process is between tasks: look again soon.
+            logger.debug("task %s is past its kill deadline but not killable yet", task_id)
+            self.deadlines[task_id] = self.worker.timer.call_after(
+                RETRY_INTERVAL, self.kill_if_still_running, (task_id, signal_id)
+            )
             return False
         self._record_kill(task_id, request.name, signal_id)
         logger.warning("killed pid %s to stop cancelled task %s", pid, task_id)
