@@ -188,16 +188,32 @@ def _plausible_task_id(task_id: str) -> bool:
     return len(task_id) <= MAX_TASK_ID_LENGTH and "\x00" not in task_id and _encodable(task_id)
 
 
-def require_known_task(task_id: str) -> TaskRun | None:
-    """The task's run record; raise a 404 ``ApiError`` if neither a run nor a signal exists."""
-    if _plausible_task_id(task_id):
-        try:
-            run = TaskRun.objects.get(task_id=task_id)
-        except TaskRun.DoesNotExist:
-            run = None
-        if run is not None or CeleryTaskSignal.objects.filter(task_id=task_id).exists():
-            return run
-    raise ApiError(404, f"no task with id {task_id!r}")
+def _unknown_task(task_id: str) -> ApiError:
+    return ApiError(404, f"no task with id {task_id!r}")
+
+
+def require_known_task(task_id: str) -> None:
+    """Raise a 404 ``ApiError`` unless a run record or a signal exists for ``task_id``."""
+    if not _plausible_task_id(task_id):
+        raise _unknown_task(task_id)
+    with connection.cursor() as cursor:
+        cursor.execute(_known_task_sql(), [task_id, task_id])
+        (known,) = cursor.fetchone()
+    if not known:
+        raise _unknown_task(task_id)
+
+
+@functools.cache
+def _known_task_sql() -> str:
+    # Every signal request runs this: one round trip, and as SQL written once it costs a
+    # fraction of the CPU of two ORM .exists() queries, which are compiled each time.
+    quote = connection.ops.quote_name
+    run, signal = TaskRun._meta, CeleryTaskSignal._meta
+    run_id, signal_id = run.get_field("task_id").column, signal.get_field("task_id").column
+    return (
+        f"SELECT EXISTS (SELECT 1 FROM {quote(run.db_table)} WHERE {quote(run_id)} = %s) "  # noqa: S608
+        f"OR EXISTS (SELECT 1 FROM {quote(signal.db_table)} WHERE {quote(signal_id)} = %s)"
+    )
 
 
 # -- serialisation --------------------------------------------------------------------------
@@ -292,8 +308,15 @@ def _redis_failure(exc: BaseException) -> bool:
 @endpoint("GET", permission=READ_PERMISSION)
 def task_status(request, user, task_id: str):
     """``GET /api/tasks/<id>/``: Celery state, run record, signals and cancel latency."""
-    run = require_known_task(task_id)
+    if not _plausible_task_id(task_id):
+        raise _unknown_task(task_id)
+    try:
+        run = TaskRun.objects.get(task_id=task_id)
+    except TaskRun.DoesNotExist:
+        run = None
     signals = list(CeleryTaskSignal.objects.filter(task_id=task_id).order_by("created", "pk"))
+    if run is None and not signals:
+        raise _unknown_task(task_id)
     cancels = [row for row in signals if row.signal == CeleryTaskSignal.CANCEL_TASK]
     cancel = cancels[-1] if cancels else None
     result = current_app.AsyncResult(task_id)
