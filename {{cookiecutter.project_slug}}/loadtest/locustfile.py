@@ -706,10 +706,11 @@ def settle_in_flight(environment: Environment) -> None:
                 return
             reason = verdict[1] if verdict else f"not stopped by the end ({_seen(body)})"
             record_unhonoured(environment, flow, reason)
-        else:
-            fire(environment, "STORM", "cutoff", 0)
-        # Whatever it was, leave nothing running: a leftover gil_job would hold a CPU.
-        _api(environment, "POST", f"{TASKS_PATH}{flow.task_id}/{action}/")
+            return
+        fire(environment, "STORM", "cutoff", 0)
+        if flow.cancel_sent is None:
+            # Leave nothing running: a leftover gil_job would hold a CPU for many seconds.
+            _api(environment, "POST", f"{TASKS_PATH}{flow.task_id}/{action}/")
 
     pool = Pool(20)
     for flow in flows:
