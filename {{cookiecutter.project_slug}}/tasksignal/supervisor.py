@@ -3,9 +3,10 @@
 A worker bootstep, so it lives in the worker's main process, the one process that can act
 on a child whose task holds the GIL in C code (no thread inside that child can run then).
 Every ``SUPERVISE_INTERVAL`` it asks the database which of this worker's running
-signal-aware tasks have a pending cancel, and schedules a check at ``created + kill_after``
-(the database clock gives the cancel's age, so the deadline is exact even when the cancel
-is learnt late). At the deadline, if the task is still running:
+signal-aware tasks have a pending cancel, and schedules a check ``kill_after`` seconds
+after the later of the cancel (its age comes from the database clock, so the deadline is
+exact even when the cancel is learnt late) and the task's start (a task cancelled while
+queued skips itself). At the deadline, if the task is still running:
 
 1. ``SIGSTOP`` the child. A stopped process cannot change its memory or start a task.
 2. Read the child's slot (``slots.py``). If it names another task, or none, the child
@@ -22,6 +23,7 @@ and the pool, so no lock is needed around them.
 import logging
 import os
 import signal
+import time
 
 import psutil
 from celery import bootsteps
@@ -47,6 +49,7 @@ class CancelSupervisor(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.worker = worker
         self.deadlines: dict[str, object] = {}
+        self.first_seen: dict[str, float] = {}
         self.tref = None
 
     def start(self, worker) -> None:
@@ -87,6 +90,11 @@ class CancelSupervisor(bootsteps.StartStopStep):
             and request.worker_pid != os.getpid()  # solo/threads pools: never kill the worker
             and isinstance(request.task, SignalAwareTask)
         }
+        now = time.monotonic()
+        for task_id in running:
+            self.first_seen.setdefault(task_id, now)
+        for task_id in [t for t in self.first_seen if t not in running]:
+            del self.first_seen[task_id]
         for task_id in [t for t in self.deadlines if t not in running]:
             self.deadlines.pop(task_id).cancel()
         unscheduled = [task_id for task_id in running if task_id not in self.deadlines]
@@ -100,7 +108,10 @@ class CancelSupervisor(bootsteps.StartStopStep):
         )
         for task_id, signal_id, age in cancels:
             kill_after = running[task_id].task.resolved_kill_after()
-            delay = max(0.0, kill_after - age.total_seconds())
+            # From the later of the cancel and the start: a task cancelled while it waited
+            # in the queue skips itself when it starts and must not be killed instead.
+            since_start = now - self.first_seen[task_id]
+            delay = max(0.0, kill_after - min(age.total_seconds(), since_start))
             self.deadlines[task_id] = self.worker.timer.call_after(
                 delay, self.kill_if_still_running, (task_id, signal_id)
             )

@@ -52,7 +52,8 @@ def test_rolled_back_signal_is_never_published():
 def test_prefetched_task_cancelled_while_queued_is_skipped(make_worker, tmp_path):
     marker = tmp_path / "started"
     with make_worker(concurrency=1) as single:
-        blocker = tasks.echo.apply_async(("blocker", 2.0), queue=single.queue)
+        # Queued for longer than kill_after: it must still skip itself, not be killed.
+        blocker = tasks.echo.apply_async(("blocker", tasks.KILL_AFTER + 1.5), queue=single.queue)
         queued = tasks.mark_started.apply_async((str(marker),), queue=single.queue)
         signal = CeleryTaskSignal.objects.cancel(queued.id)
         assert blocker.get(timeout=15) == "blocker"
