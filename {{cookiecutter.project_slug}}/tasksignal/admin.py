@@ -7,7 +7,7 @@ sent from.
 from django.contrib import admin, messages
 from django.utils.translation import ngettext
 
-from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.models import ApiToken, CeleryTaskSignal, TaskRun
 
 SEND_PERMISSION = "tasksignal.add_celerytasksignal"
 
@@ -92,3 +92,18 @@ class CeleryTaskSignalAdmin(SignalSendingAdmin):
             obj.task_id, obj.signal, obj.message, requested_by=request.user
         )
         obj.pk = row.pk
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens are listed and deleted (revoked) here; ``create_api_token`` makes them, since
+    only it can show the secret once."""
+
+    list_display = ["name", "user", "prefix", "created"]
+    search_fields = ["name", "user__username"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in ApiToken._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False

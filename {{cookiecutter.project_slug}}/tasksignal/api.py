@@ -17,7 +17,6 @@ import kombu.exceptions
 import redis
 from celery import current_app, states
 from celery.exceptions import BackendError
-from django.conf import settings
 from django.core.exceptions import BadRequest, RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.http import HttpResponse, JsonResponse
@@ -389,7 +388,7 @@ def revoke_task(request, user, task_id: str):
     Enabled only by ``TASKSIGNAL_API_BASELINE_REVOKE``: it stops a task with SIGKILL, with
     no cleanup and no record of whether it worked, which is what the signals improve on.
     """
-    if not getattr(settings, "TASKSIGNAL_API_BASELINE_REVOKE", False):
+    if not conf.get("TASKSIGNAL_API_BASELINE_REVOKE"):
         raise ApiError(
             404,
             "the revoke baseline is disabled; it exists for benchmarks only "

@@ -17,6 +17,8 @@
     Seconds completed signals and finished runs are kept before the sweep deletes them.
 ``TASKSIGNAL_STARTABLE_TASKS``
     Task names the JSON API may start.
+``TASKSIGNAL_API_BASELINE_REVOKE``
+    Benchmark only: enable ``POST /api/tasks/<id>/revoke/`` (Celery's revoke, terminate=True).
 """
 
 from django.conf import settings
@@ -31,6 +33,7 @@ DEFAULTS = {
     "TASKSIGNAL_SIGNAL_EXPIRY": 24 * 3600.0,
     "TASKSIGNAL_RETENTION": 7 * 24 * 3600.0,
     "TASKSIGNAL_STARTABLE_TASKS": (),
+    "TASKSIGNAL_API_BASELINE_REVOKE": False,
 }
 
 
