@@ -49,7 +49,6 @@ class CancelSupervisor(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.worker = worker
         self.deadlines: dict[str, object] = {}
-        self.first_seen: dict[str, float] = {}
         self.tref = None
 
     def start(self, worker) -> None:
@@ -90,11 +89,6 @@ class CancelSupervisor(bootsteps.StartStopStep):
             and request.worker_pid != os.getpid()  # solo/threads pools: never kill the worker
             and isinstance(request.task, SignalAwareTask)
         }
-        now = time.monotonic()
-        for task_id in running:
-            self.first_seen.setdefault(task_id, now)
-        for task_id in [t for t in self.first_seen if t not in running]:
-            del self.first_seen[task_id]
         for task_id in [t for t in self.deadlines if t not in running]:
             self.deadlines.pop(task_id).cancel()
         unscheduled = [task_id for task_id in running if task_id not in self.deadlines]
@@ -110,7 +104,7 @@ class CancelSupervisor(bootsteps.StartStopStep):
             kill_after = running[task_id].task.resolved_kill_after()
             # From the later of the cancel and the start: a task cancelled while it waited
             # in the queue skips itself when it starts and must not be killed instead.
-            since_start = now - self.first_seen[task_id]
+            since_start = time.time() - running[task_id].time_start  # Celery's wall clock
             delay = max(0.0, kill_after - min(age.total_seconds(), since_start))
             self.deadlines[task_id] = self.worker.timer.call_after(
                 delay, self.kill_if_still_running, (task_id, signal_id)
