@@ -135,6 +135,23 @@ def scratch_database(prefix: str) -> Iterator[str]:
         drop_database(name)
 
 
+def forget_namespace(namespace: str) -> int:
+    """Delete the Redis keys whose names contain ``namespace``; return how many went.
+
+    A namespace from :func:`unique_name` is ours alone, so this removes only what our own
+    workers and producers created (queues, bindings, signal keys). Never fails.
+    """
+    import redis  # noqa: PLC0415 - only the callers that touch Redis need it
+
+    try:
+        client = redis.Redis.from_url(redis_url(), socket_timeout=5)
+        with client:
+            keys = list(client.scan_iter(match=f"*{namespace}*", count=1000))
+            return client.delete(*keys) if keys else 0
+    except redis.RedisError:
+        return 0
+
+
 # --- baking -----------------------------------------------------------------------------------
 
 
@@ -296,14 +313,12 @@ def isolation_values(*, database: str, namespace: str) -> dict[str, str]:
     """Return the settings that keep one run apart from every other user of the servers.
 
     Its own database, its own Celery queue and its own task-signal channel: a worker started
-    with these consumes nothing of anyone else's and hears no one else's signals.
+    with these consumes nothing of anyone else's and hears no one else's signals. The broker
+    and result backend are left to default to ``REDIS_URL``, as on a developer's machine.
     """
-    broker = redis_url()
     return {
         "DATABASE_URL": database,
-        "REDIS_URL": broker,
-        "CELERY_BROKER_URL": broker,
-        "CELERY_RESULT_BACKEND": broker,
+        "REDIS_URL": redis_url(),
         "CELERY_TASK_DEFAULT_QUEUE": namespace,
         "TASKSIGNAL_CHANNEL": f"{namespace}:tasksignal",
     }
@@ -311,7 +326,10 @@ def isolation_values(*, database: str, namespace: str) -> dict[str, str]:
 
 def production_values(*, database: str, namespace: str, port: int | None = None) -> dict[str, str]:
     """Return realistic production settings for a run on this machine, isolated by ``namespace``."""
+    broker = redis_url()
     values = isolation_values(database=database, namespace=namespace) | {
+        "CELERY_BROKER_URL": broker,
+        "CELERY_RESULT_BACKEND": broker,
         "DJANGO_SETTINGS_MODULE": "config.settings.production",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",

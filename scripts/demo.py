@@ -33,6 +33,7 @@ from baked import (
     create_venv,
     drop_database,
     find_python,
+    forget_namespace,
     free_port,
     parse_procfile,
     production_values,
@@ -139,7 +140,8 @@ def run_demo() -> None:
     finally:
         problems = _stop(services)
         drop_database(namespace)
-        step(f"dropped database {namespace}")
+        forget_namespace(namespace)
+        step(f"dropped database {namespace} and the Redis keys of queue {namespace}")
         for service in services:
             print(f"    {service.name} log: {service.log_path.relative_to(REPO_ROOT)}")
     if problems:

@@ -37,6 +37,7 @@ from baked import (
     ServiceNotReadyError,
     create_venv,
     find_python,
+    forget_namespace,
     free_port,
     isolation_values,
     parse_procfile,
@@ -154,9 +155,11 @@ def database() -> Iterator[str]:
 
 
 @pytest.fixture
-def namespace() -> str:
-    """A Celery queue and signal-channel name no one else uses."""
-    return unique_name("tse2e")
+def namespace() -> Iterator[str]:
+    """A Celery queue and signal-channel name no one else uses; its Redis keys go afterwards."""
+    name = unique_name("tse2e")
+    yield name
+    forget_namespace(name)
 
 
 def _output(result: subprocess.CompletedProcess[str], lines: int = 60) -> str:
@@ -268,7 +271,8 @@ class Stack:
         elif service.name == "worker":
             wait_for_log(service, WORKER_READY)
         elif service.name == "beat":
-            wait_for_log(service, r"beat: Starting\.\.\.")
+            # Past start-up only once it sends the sweep it schedules (every second here).
+            wait_for_log(service, r"Sending due task")
         elif service.name == "flower":
             wait_for_http(f"http://127.0.0.1:{self.flower_port}/healthcheck", service)
 
@@ -293,6 +297,7 @@ def stack(installed: Installed, database: str, namespace: str, tmp_path: Path) -
         **production_values(database=database, namespace=namespace, port=web_port),
         FLOWER_PORT=str(flower_port),
         CELERY_BEAT_SCHEDULE_FILE=str(tmp_path / "celerybeat-schedule"),
+        TASKSIGNAL_SWEEP_INTERVAL="1",
     )
     with installed.without_dotenv():
         migrate = run(["bin/migrate"], cwd=installed.path, env=env)
