@@ -418,11 +418,15 @@ def run_storm(
     until = env.get("LOADTEST_MIN_CANCELS", "0").strip()
     more = f" and until {until} cancels" if until not in ("", "0") else ""
     say(f"{label}: {mode} storm for {settings.duration}{more} against {base}")
+    # The load generator shares the machine with the system under test: it must not take the
+    # CPU the worker needs to stop tasks, or the latencies measured are its own queueing.
+    niceness = int(env.get("LOADTEST_CLIENT_NICE", "10"))
     process = subprocess.Popen(
         [str(PROJECT_DIR / "bin" / "loadtest"), *extra],
         cwd=PROJECT_DIR,
         env=storm_env,
         stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.nice(niceness),
     )
     try:
         return process.wait()
