@@ -46,7 +46,11 @@ REMOVALS: Final = (
     Removal("use_flower", "n", ("bin/flower",)),
     Removal("use_celery_beat", "n", ("bin/beat",)),
     Removal("ci_tool", "none", (".github",)),
-    Removal("include_demo_tasks", "n", ("demo", "loadtest", "bin/loadtest", "tests/test_demo*.py")),
+    Removal(
+        "include_demo_tasks",
+        "n",
+        ("demo", "loadtest", "bin/loadtest", "docs/loadtest.md", "tests/test_demo*.py"),
+    ),
     Removal("open_source_license", "Not open source", ("LICENSE",)),
 )
 
@@ -68,7 +72,7 @@ def patterns_to_remove(answers: Mapping[str, str]) -> list[str]:
     >>> patterns_to_remove({"use_flower": "n", "use_docker": "y"})
     ['bin/flower']
     >>> patterns_to_remove({"include_demo_tasks": "n"})
-    ['demo', 'loadtest', 'bin/loadtest', 'tests/test_demo*.py']
+    ['demo', 'loadtest', 'bin/loadtest', 'docs/loadtest.md', 'tests/test_demo*.py']
     >>> patterns_to_remove({"use_flower": "y"})
     []
     """

@@ -120,7 +120,7 @@ PRESENT_WHEN: Final = (
     ("use_flower", "y", ("bin/flower",)),
     ("use_celery_beat", "y", ("bin/beat",)),
     ("ci_tool", "github", (".github/workflows/ci.yml",)),
-    ("include_demo_tasks", "y", ("demo", "loadtest", "bin/loadtest")),
+    ("include_demo_tasks", "y", ("demo", "loadtest", "bin/loadtest", "docs/loadtest.md")),
 )
 
 

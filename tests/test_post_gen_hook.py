@@ -59,6 +59,7 @@ def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None
         "demo",
         "loadtest",
         "bin/loadtest",
+        "docs/loadtest.md",
         "tests/test_demo*.py",
         "LICENSE",
     }
