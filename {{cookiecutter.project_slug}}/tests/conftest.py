@@ -101,3 +101,9 @@ def wait_until_running(result, timeout: float = 15.0) -> None:
         return any(read_slot(int(path.stem)) == result.id for path in slots)
 
     wait_for(running, timeout, f"task {result.id} to start running")
+
+
+def cancel_running(result) -> CeleryTaskSignal:
+    """Cancel ``result``'s task once it runs; return the signal once the worker completed it."""
+    wait_until_running(result)
+    return wait_until_completed(CeleryTaskSignal.objects.cancel(result.id))

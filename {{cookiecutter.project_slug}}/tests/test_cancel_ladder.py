@@ -5,14 +5,9 @@ from celery import states
 
 from tasksignal.models import CeleryTaskSignal
 from tests import tasks
-from tests.conftest import wait_for, wait_until_completed, wait_until_running
+from tests.conftest import cancel_running, wait_for, wait_until_completed
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
-
-
-def cancel_running(result) -> CeleryTaskSignal:
-    wait_until_running(result)
-    return wait_until_completed(CeleryTaskSignal.objects.cancel(result.id))
 
 
 def assert_revoked(result) -> None:
@@ -44,36 +39,25 @@ def test_cancelled_task_ends_revoked_not_failed(worker):
     assert result.state != states.FAILURE, "a cancelled task was recorded as a failure"
 
 
-def test_task_asleep_without_checkpoints_is_interrupted(worker):
-    result = tasks.sleep_without_checkpoints.delay()
+@pytest.mark.parametrize(
+    "task",
+    [tasks.sleep_without_checkpoints, tasks.wait_on_socket, tasks.busy_python_loop],
+    ids=["asleep", "blocked-on-a-socket-read", "spinning-in-a-python-loop"],
+)
+def test_task_without_checkpoints_is_interrupted(worker, task):
+    result = task.delay()
     signal = cancel_running(result)
     assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
     assert_revoked(result)
 
 
-def test_task_blocked_on_a_socket_read_is_interrupted(worker):
-    result = tasks.wait_on_socket.delay()
-    signal = cancel_running(result)
-    assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
-    assert_revoked(result)
-
-
-def test_task_spinning_in_a_python_loop_is_interrupted(worker):
-    result = tasks.busy_python_loop.delay()
-    signal = cancel_running(result)
-    assert signal.outcome == "interrupted", f"expected interrupted, got {signal.outcome}"
-    assert_revoked(result)
-
-
-def test_task_holding_the_gil_in_c_code_is_killed(worker):
-    result = tasks.hold_the_gil.delay()
-    signal = cancel_running(result)
-    assert signal.outcome == "killed", f"expected killed, got {signal.outcome}"
-    assert_revoked(result)
-
-
-def test_task_that_swallows_interrupts_with_bare_except_is_killed(worker):
-    result = tasks.swallow_interrupts.delay()
+@pytest.mark.parametrize(
+    "task",
+    [tasks.hold_the_gil, tasks.swallow_interrupts],
+    ids=["holding-the-gil-in-c-code", "swallowing-interrupts-with-bare-except"],
+)
+def test_task_that_cannot_be_interrupted_is_killed(worker, task):
+    result = task.delay()
     signal = cancel_running(result)
     assert signal.outcome == "killed", f"expected killed, got {signal.outcome}"
     assert_revoked(result)

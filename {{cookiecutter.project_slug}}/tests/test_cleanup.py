@@ -8,14 +8,9 @@ from django.contrib.auth.models import User
 
 from tasksignal.models import CeleryTaskSignal
 from tests import tasks
-from tests.conftest import wait_for, wait_until_completed, wait_until_running
+from tests.conftest import cancel_running, wait_for, wait_until_completed, wait_until_running
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
-
-
-def cancel_running(result) -> CeleryTaskSignal:
-    wait_until_running(result)
-    return wait_until_completed(CeleryTaskSignal.objects.cancel(result.id))
 
 
 def test_on_cancel_and_cleanups_run_exactly_once_last_registered_first(worker, tmp_path):
