@@ -1,6 +1,6 @@
 # The template's own tasks. `make test` is what CI runs (.ci/run).
 #   make test        service check, then every template test (bakes, hooks, end-to-end)
-#   make test-fast   the same without the end-to-end tests (no installs, no servers)
+#   make test-fast   the same without the end-to-end tests (no project installs, ~1 min)
 #   make demo        bake the default project, run web + worker natively, send it a task
 #   make lint        ruff on the hooks, tests and scripts
 #   make clean       remove .venv, .demo and caches
