@@ -74,8 +74,8 @@ RESERVED_SLUGS: Final = frozenset(
     },
 )
 
-#: Standard-library module names (Python 3.10 and later know them); a slug must not shadow one.
-STDLIB_MODULES: Final = frozenset(getattr(sys, "stdlib_module_names", ()))
+#: Standard-library module names; a slug must not shadow one either.
+STDLIB_MODULES: Final = sys.stdlib_module_names
 
 SUPPORTED_PYTHON_VERSIONS: Final = ("3.11", "3.12", "3.13")
 SUPPORTED_POSTGRES_VERSIONS: Final = ("15", "16", "17")
