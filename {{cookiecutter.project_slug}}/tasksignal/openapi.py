@@ -86,7 +86,7 @@ def _schemas() -> dict:
                     **TEXT,
                     "description": "A task name listed in the TASKSIGNAL_STARTABLE_TASKS "
                     "setting; any other name is answered with 400.",
-                    "example": "demo.tasks.cooperative_job",
+                    "example": "yourapp.tasks.import_rows",
                 },
                 "kwargs": {
                     "type": "object",
