@@ -39,11 +39,15 @@ MIN_CANCELS = 500
 STORM_SETTINGS = {
     "LOADTEST_DURATION": f"{MIN_RUN_SECONDS}s",
     "LOADTEST_MODES": "cancel",
-    "LOADTEST_USERS": str(MIN_TASKS_IN_FLIGHT),
+    # Each user has a moment between two flows with nothing in flight: a few more users than
+    # the minimum keep at least 64 tasks in flight at once.
+    "LOADTEST_USERS": str(MIN_TASKS_IN_FLIGHT + 12),
     "LOADTEST_SIBLING_USERS": "8",
     # About two PostgreSQL connections per prefork process: stay a good neighbour of the
     # other tests using the shared server (default max_connections is 100).
     "LOADTEST_WORKER_CONCURRENCY": "16",
+    # This test proves every cancel is honoured and nothing else harmed; latency is the
+    # benchmarks' business (make loadtest gates it at 100 ms on a dedicated machine).
     "LOADTEST_MAX_P99_MS": "5000",
     # At least 30 s and at least 500 cancels: on a busy machine the run goes on, up to 150 s.
     "LOADTEST_MIN_CANCELS": str(MIN_CANCELS),

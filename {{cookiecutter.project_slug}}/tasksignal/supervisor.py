@@ -8,7 +8,8 @@ after the later of the cancel (its age comes from the database clock, so the dea
 exact even when the cancel is learnt late) and the task's start (a task cancelled while
 queued skips itself). At the deadline, if the task is still running:
 
-1. ``SIGSTOP`` the child. A stopped process cannot change its memory or start a task.
+1. ``SIGSTOP`` the child and wait until the kernel reports it stopped (the signal is
+   delivered asynchronously). A stopped process cannot change its memory or start a task.
 2. Read the child's slot (``slots.py``). If it names another task, or none, the child
    moved on: ``SIGCONT`` it and do nothing. This is the synchronisation step that
    ``revoke(terminate=True)`` lacks (it signals whatever the pid runs by then).
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 SUPERVISE_INTERVAL = 0.5
 #: Seconds before checking again a task past its deadline that was not killable yet.
 RETRY_INTERVAL = 0.1
+#: Seconds to wait for a process to be seen stopped after SIGSTOP.
+STOP_TIMEOUT = 0.5
 
 
 class CancelSupervisor(bootsteps.StartStopStep):
@@ -165,6 +168,10 @@ def kill_if_running(pid: int, task_id: str, kill) -> bool:
         return False
     killed = False
     try:
+        # SIGSTOP is delivered asynchronously: until the process is seen stopped it may still
+        # be finishing one task and starting the next, so its slot proves nothing yet.
+        if not _wait_until_stopped(pid):
+            return False
         running_now = read_slot(pid)
         if running_now != task_id:
             logger.info("not killing pid %s: it runs %s now, not %s", pid, running_now, task_id)
@@ -178,6 +185,20 @@ def kill_if_running(pid: int, task_id: str, kill) -> bool:
             os.kill(pid, signal.SIGCONT)
     slot_path(pid).unlink(missing_ok=True)
     return True
+
+
+def _wait_until_stopped(pid: int, timeout: float = STOP_TIMEOUT) -> bool:
+    """Wait until ``pid`` is in the stopped state; False if it is not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                return True
+        except psutil.NoSuchProcess:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
