@@ -164,7 +164,12 @@ def private_app(url: str) -> Celery:
     return app
 
 
-def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(private_redis, make_worker):
+def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
+    private_redis, make_worker, monkeypatch
+):
+    # Celery lets these variables override the URLs an app is given: drop them for our clients.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
     urls = {
         "REDIS_URL": private_redis.url,
         "CELERY_BROKER_URL": private_redis.url,
