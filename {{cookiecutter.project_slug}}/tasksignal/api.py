@@ -314,12 +314,13 @@ def task_status(request, user, task_id: str):
     except TaskRun.DoesNotExist:
         run = None
     signals = list(CeleryTaskSignal.objects.filter(task_id=task_id).order_by("created", "pk"))
-    if run is None and not signals:
+    result = current_app.AsyncResult(task_id)
+    state = result.state  # one read from the result backend; a finished result is cached
+    # A brief run that succeeded leaves no run record (see TaskRun); Celery still knows it.
+    if run is None and not signals and state == states.PENDING:
         raise _unknown_task(task_id)
     cancels = [row for row in signals if row.signal == CeleryTaskSignal.CANCEL_TASK]
     cancel = cancels[-1] if cancels else None
-    result = current_app.AsyncResult(task_id)
-    state = result.state  # one read from the result backend; a finished result is cached
     latency_ms = None
     if cancel is not None and cancel.completed_at is not None:
         latency_ms = round((cancel.completed_at - cancel.created).total_seconds() * 1000, 3)

@@ -249,6 +249,16 @@ def test_status_of_a_task_known_only_by_a_signal_is_200_without_a_run(api):
     assert len(body["signals"]) == 1, body
 
 
+def test_status_of_a_brief_task_known_only_to_celery_is_200(api):
+    # A run that started and succeeded between two record writes leaves no run record.
+    current_app.backend.store_result("brief-run", 7, "SUCCESS")
+    try:
+        body = expect(api.get("/api/tasks/brief-run/"), 200)
+    finally:
+        current_app.backend.forget("brief-run")
+    assert (body["state"], body["result"], body["run_state"]) == ("SUCCESS", 7, None), body
+
+
 def test_status_of_an_unknown_task_is_404(api):
     body = expect(api.get("/api/tasks/no-such-task/"), 404)
     assert "no-such-task" in body["error"], body
