@@ -46,8 +46,8 @@ ERRORS = {
     "user.",
     "Forbidden": "The user lacks the permission the operation needs, or a session request "
     "failed the CSRF check.",
-    "NotFound": "No task with this id is known (no run record and no signal), or the "
-    "endpoint is disabled.",
+    "NotFound": "No task with this id is known (no run record, no signal, and for a status "
+    "read no result in Celery's backend), or the endpoint is disabled.",
     "PayloadTooLarge": "The body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE.",
     "ServiceUnavailable": "PostgreSQL or Redis (broker, result backend) cannot be reached; "
     "retry later.",
