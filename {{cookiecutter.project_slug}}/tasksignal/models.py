@@ -233,11 +233,6 @@ class TaskRun(models.Model):
         return f"{self.task_name} {self.task_id} ({self.state})"
 
     @property
-    def is_finished(self) -> bool:
-        """True once the run has ended, whichever way."""
-        return self.state in self.FINISHED_STATES
-
-    @property
     def progress(self) -> float | None:
         """Fraction done, 0..1, when the task reported a total."""
         if self.progress_current is None or not self.progress_total:

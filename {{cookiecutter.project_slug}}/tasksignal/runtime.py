@@ -116,7 +116,6 @@ class Runtime:
         self._pending: dict[str, dict[int, dict]] = {}
         self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_RUNS)
         self._synced = threading.Event()
-        self._last_sync = 0.0
         self._stopping = threading.Event()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._records: dict[str, dict] = {}
@@ -321,7 +320,6 @@ class Runtime:
             ]
         if too_late:
             self.complete(too_late, "too_late")
-        self._last_sync = time.monotonic()
         self._synced.set()
 
     def _interrupt_if_due(self) -> float:

@@ -25,10 +25,11 @@ def status(client, headers, task_id: str) -> dict:
     return response.json()
 
 
-def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker, client, headers):
+def start_running(client, headers, task: str, kwargs: dict) -> str:
+    """Start ``task`` through the API; return its id once the worker records it running."""
     response = client.post(
         "/api/tasks/",
-        {"task": "demo.tasks.cooperative_job", "kwargs": {"steps": 600, "step_seconds": 0.05}},
+        {"task": task, "kwargs": kwargs},
         content_type="application/json",
         headers=headers,
     )
@@ -38,6 +39,13 @@ def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker,
         lambda: status(client, headers, task_id)["run_state"] == "running",
         15,
         f"the worker to record {task_id} as running",
+    )
+    return task_id
+
+
+def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker, client, headers):
+    task_id = start_running(
+        client, headers, "demo.tasks.cooperative_job", {"steps": 600, "step_seconds": 0.05}
     )
 
     response = client.post(f"/api/tasks/{task_id}/cancel/", headers=headers)
@@ -62,19 +70,7 @@ def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker,
 
 def test_the_revoke_baseline_kills_the_process_running_the_task(worker, client, headers, settings):
     settings.TASKSIGNAL_API_BASELINE_REVOKE = True
-    response = client.post(
-        "/api/tasks/",
-        {"task": "demo.tasks.sleepy_job", "kwargs": {"seconds": 60}},
-        content_type="application/json",
-        headers=headers,
-    )
-    assert response.status_code == 202, f"start: {response.content!r}"
-    task_id = response.json()["id"]
-    wait_for(
-        lambda: status(client, headers, task_id)["run_state"] == "running",
-        15,
-        f"the worker to record {task_id} as running",
-    )
+    task_id = start_running(client, headers, "demo.tasks.sleepy_job", {"seconds": 60})
     pid = TaskRun.objects.get(task_id=task_id).pid
     assert pid in worker.child_pids(), f"run record names pid {pid}, not a worker child"
 
