@@ -46,13 +46,13 @@ gevent); ``checkpoint()`` costs an attribute read when nothing is pending.
 import logging
 
 from celery.contrib.django.task import DjangoTask
-from celery.exceptions import Ignore
 from django.db import connections
+from psycopg import pq
 
 from tasksignal import conf
-from tasksignal.exceptions import TaskCancelled
-from tasksignal.models import CeleryTaskSignal
+from tasksignal.exceptions import RunStopped, TaskCancelled
 from tasksignal.runtime import Run, runtime
+from tasksignal.states import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class SignalAwareTask(DjangoTask):
     """A Celery task whose running instances obey :class:`CeleryTaskSignal` rows."""
 
     abstract = True
+    #: The worker-side request class: it lets the worker node skip a cancelled task before
+    #: any pool process sees it and record how each run ends (``tasksignal/request.py``).
+    Request = "tasksignal.request:SignalAwareRequest"
 
     #: Seconds after a cancel before a task that has not reached a checkpoint is
     #: interrupted. ``None`` means the ``TASKSIGNAL_CANCEL_GRACE`` setting.
@@ -83,19 +86,17 @@ class SignalAwareTask(DjangoTask):
     # -- called from the task body ----------------------------------------------------
     def checkpoint(self) -> None:
         """React to pending signals: raise :class:`TaskCancelled`, block while paused, or run
-        registered handlers. Costs an attribute read when nothing is pending.
+        registered handlers. Costs one memory read when nothing is pending.
         """
         run = runtime.current
-        if run is not None and run.attention:
+        if run is not None and run.view[run.attention_at] != run.attention_seen:
             runtime.handle_attention(self, run)
 
     def set_progress(self, current: float, total: float | None = None, message: str = "") -> None:
-        """Report progress; it reaches the ``TaskRun`` record with the next batched write."""
+        """Report progress; the worker node records it in the run's ``TaskRun``."""
         run = runtime.current
         if run is not None:
-            runtime.record(
-                run, progress_current=current, progress_total=total, progress_message=message[:255]
-            )
+            runtime.report_progress(run, current, total, message[:255])
 
     def add_cleanup(self, callback, *args, **kwargs):
         """Run ``callback(*args, **kwargs)`` if this run is cancelled (last added, first run).
@@ -124,59 +125,40 @@ class SignalAwareTask(DjangoTask):
         request = self.request
         if request.called_directly:
             return super().__call__(*args, **kwargs)
-        run = runtime.begin(
-            request.id, self.name, request.hostname or "", self.resolved_cancel_grace()
-        )
+        run = runtime.begin(request.id, self.name)
         try:
-            if run.cancel is not None:
-                raise TaskCancelled(request.id, CeleryTaskSignal.Outcome.SKIPPED)
+            if run.cancel is not None:  # cancelled after the node handed the task over
+                raise TaskCancelled(request.id, Outcome.SKIPPED)
             # Celery's trace has already pushed the request: call run(), not super().
             result = self.run(*args, **kwargs)
             run.finished = True
         except TaskCancelled as exc:
-            run.finished = True
-            self._finish_cancelled(run, exc)
+            stopped = self._stop(run, exc)
         except BaseException:
-            if run.interrupted:  # task code turned our interrupt into another exception
-                run.finished = True
-                self._finish_cancelled(run, TaskCancelled(request.id, "interrupted"))
-            runtime.end(run, "failed")
-            raise
-        runtime.end(run, "succeeded")
-        return result
-
-    def _finish_cancelled(self, run: Run, exc: TaskCancelled):
-        outcome = CeleryTaskSignal.Outcome.INTERRUPTED if run.interrupted else exc.outcome
-        if outcome == CeleryTaskSignal.Outcome.SKIPPED:
-            cleanup_ok = True
+            if not run.interrupted:
+                runtime.end(run)
+                raise
+            # Task code turned our interrupt into another exception: still a cancel.
+            stopped = self._stop(run, TaskCancelled(request.id, Outcome.INTERRUPTED))
         else:
-            cleanup_ok = self._clean_up(run, exc, outcome)
-        cancel_id = (run.cancel or {}).get("id")
-        if cancel_id is not None:
-            try:
-                CeleryTaskSignal.objects.filter(pk=cancel_id).complete(outcome)
-            except Exception:
-                # Database unreachable right now: the writer thread retries until it is back.
-                logger.exception("could not complete cancel %s now; retrying", cancel_id)
-                runtime.complete([cancel_id], outcome)
-        runtime.end(run, "cancelled")
-        reason = f"cancelled ({outcome})" + ("" if cleanup_ok else ", cleanup failed")
-        try:
-            self.backend.mark_as_revoked(run.task_id, reason, request=self.request)
-        except Exception:
-            # The task has stopped and its signal is completed; only the result backend
-            # (often Redis, maybe restarting) missed the state. Say so, do not crash.
-            logger.exception("could not store REVOKED for %s in the result backend", run.task_id)
-        logger.info("task %s[%s] %s", self.name, run.task_id, reason)
-        # Ignore: the trace stores nothing more, so REVOKED stays the final state.
-        raise Ignore(reason)
+            runtime.end(run)
+            return result
+        # Raised here, outside the except blocks, so Celery's trace formats only this frame.
+        raise stopped
+
+    def _stop(self, run: Run, exc: TaskCancelled) -> RunStopped:
+        """Clean up after a cancel; return what tells the worker how the run stopped."""
+        run.finished = True
+        outcome = Outcome.INTERRUPTED if run.interrupted else exc.outcome
+        cleanup_ok = outcome == Outcome.SKIPPED or self._clean_up(run, exc, outcome)
+        runtime.end(run, stop_outcome=outcome)
+        logger.info("task %s[%s] cancelled (%s)", self.name, run.task_id, outcome)
+        return RunStopped(run.task_id, outcome, cleanup_ok)
 
     def _clean_up(self, run: Run, exc: TaskCancelled, outcome: str) -> bool:
         ok = True
-        if outcome == CeleryTaskSignal.Outcome.INTERRUPTED:
-            # The interrupt may have landed mid-query; such a connection cannot be reused.
-            for connection in connections.all(initialized_only=True):
-                connection.close()
+        if outcome == Outcome.INTERRUPTED:
+            _close_interrupted_connections()
         callbacks = [(self.on_cancel, (exc,), {}), *reversed(run.cleanups)]
         run.cleanups.clear()
         for callback, args, kwargs in callbacks:
@@ -191,3 +173,23 @@ class SignalAwareTask(DjangoTask):
             ok = False
             logger.exception("could not reap the subprocesses of task %s", run.task_id)
         return ok
+
+
+def _close_interrupted_connections() -> None:
+    """Close this thread's database connections after an interrupt.
+
+    The interrupt may have landed mid-query: such a connection cannot be reused, and the
+    server would go on running the query after the client left, so it is cancelled first.
+    """
+    for connection in connections.all(initialized_only=True):
+        raw = connection.connection
+        if (
+            raw is not None
+            and not raw.closed
+            and raw.info.transaction_status == pq.TransactionStatus.ACTIVE
+        ):
+            try:
+                raw.cancel_safe(timeout=2.0)
+            except Exception:
+                logger.warning("could not cancel the query of an interrupted task")
+        connection.close()

@@ -5,10 +5,11 @@
 ``TASKSIGNAL_KILL_AFTER``
     Seconds after a cancel at which a task still running is killed (prefork only).
 ``TASKSIGNAL_RECONCILE_INTERVAL``
-    Seconds between reads of pending signals from the database, which cover notifications
-    lost while Redis was away or before a worker subscribed.
-``TASKSIGNAL_REDIS_URL`` / ``TASKSIGNAL_CHANNEL``
-    Where notifications are published.
+    Seconds between a worker node's reads of its tasks' pending signals, which cover
+    notifications missed while it was disconnected from PostgreSQL.
+``TASKSIGNAL_CHANNEL``
+    A name that keeps this service's notification channels apart from those of other
+    services using the same database.
 ``TASKSIGNAL_RECORD_RUNS``
     Keep a :class:`~tasksignal.models.TaskRun` record of each signal-aware run.
 ``TASKSIGNAL_SIGNAL_EXPIRY``
@@ -27,7 +28,6 @@ DEFAULTS = {
     "TASKSIGNAL_CANCEL_GRACE": 1.0,
     "TASKSIGNAL_KILL_AFTER": 5.0,
     "TASKSIGNAL_RECONCILE_INTERVAL": 2.0,
-    "TASKSIGNAL_REDIS_URL": "redis://127.0.0.1:6379/0",
     "TASKSIGNAL_CHANNEL": "tasksignal",
     "TASKSIGNAL_RECORD_RUNS": True,
     "TASKSIGNAL_SIGNAL_EXPIRY": 24 * 3600.0,

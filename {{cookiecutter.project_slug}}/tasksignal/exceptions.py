@@ -1,6 +1,9 @@
 """Exceptions raised by the signalling machinery."""
 
+from celery.exceptions import Ignore
 from django.core.exceptions import BadRequest
+
+from tasksignal.states import Outcome
 
 
 class TaskCancelled(BaseException):
@@ -8,15 +11,49 @@ class TaskCancelled(BaseException):
 
     A ``BaseException`` (like ``KeyboardInterrupt``) so that ``except Exception:`` in task
     code cannot swallow it by accident. Catch it only to clean up, then re-raise.
+
+    >>> str(TaskCancelled("abc", Outcome.COOPERATIVE, "user pressed stop"))
+    'task abc cancelled (cooperative): user pressed stop'
     """
 
-    def __init__(self, task_id: str = "", outcome: str = "interrupted", message: str = "") -> None:
+    def __init__(
+        self, task_id: str = "", outcome: str = Outcome.INTERRUPTED, message: str = ""
+    ) -> None:
         super().__init__(
             f"task {task_id} cancelled ({outcome})" + (f": {message}" if message else "")
         )
         self.task_id = task_id
         self.outcome = outcome
         self.message = message
+
+
+class RunStopped(Ignore):
+    """How a cancelled run ends: it tells the worker's main process how the cancel was met.
+
+    Raised by ``SignalAwareTask`` after its cleanup, outside any ``except`` block, so that
+    Celery's trace formats a two-frame traceback instead of the task's whole stack. As an
+    ``Ignore`` the trace stores no result; the worker's main process then records
+    ``REVOKED``, sends ``task-revoked`` and completes the signal (``request.py``).
+
+    >>> stopped = RunStopped("abc", Outcome.COOPERATIVE, True)
+    >>> stopped.outcome, stopped.reason
+    ('cooperative', 'cancelled (cooperative)')
+    """
+
+    def __init__(self, task_id: str, outcome: str, cleanup_ok: bool) -> None:
+        # All three go to Exception.args: the exception crosses the pool's pipe by pickle.
+        super().__init__(task_id, outcome, cleanup_ok)
+        self.task_id = task_id
+        self.outcome = outcome
+        self.cleanup_ok = cleanup_ok
+
+    @property
+    def reason(self) -> str:
+        """The reason stored with ``REVOKED`` in the result backend."""
+        return f"cancelled ({self.outcome})" + ("" if self.cleanup_ok else ", cleanup failed")
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} {self.reason}"
 
 
 class UnknownSignal(BadRequest):

@@ -1,14 +1,13 @@
 """The durable side of task signalling: signal rows and the record of task runs."""
 
-import functools
-
 from django.conf import settings
-from django.db import connections, models, transaction
+from django.db import connections, models
 from django.db.models import Q
 from django.db.models.functions import Coalesce, Now
 
-from tasksignal import registry
+from tasksignal import registry, sql
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
+from tasksignal.states import Outcome, RunState
 
 
 class CeleryTaskSignalQuerySet(models.QuerySet):
@@ -39,18 +38,17 @@ class CeleryTaskSignalQuerySet(models.QuerySet):
 
 
 class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuerySet)):
-    """Sends signals: commits the row, then notifies the workers after the commit."""
+    """Sends signals: one statement writes the row and announces it to the workers."""
 
     def send(self, task_id: str, signal: str, message: str = "", requested_by=None):
         """Ask the task ``task_id`` to act on ``signal``; return the pending signal row.
 
         Sending a signal that is already pending for the task returns the existing row
-        (at most one pending signal per task and kind). Raises
-        :class:`~tasksignal.exceptions.UnknownSignal` for an unregistered kind. Inside an
-        outer transaction the notification waits for that transaction's commit.
+        (at most one pending signal per task and kind); ``row.already_pending`` says which
+        happened. Raises :class:`~tasksignal.exceptions.UnknownSignal` for an unregistered
+        kind. The worker running the task hears of it when the row commits (inside your own
+        transaction: when that transaction commits).
         """
-        from tasksignal import notify
-
         registry.get_signal_kind(signal)
         # Inserting and then reading back on conflict costs one round trip in the usual
         # case, where get_or_create in a savepoint costs five; a row completed between the
@@ -58,32 +56,27 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         for _attempt in range(3):
             row = self._insert_pending(task_id, signal, message, requested_by)
             if row is not None:
-                transaction.on_commit(functools.partial(notify.publish, row), using=self.db)
                 return row
             row = self.pending(task_id, signal).first()
             if row is not None:
+                row.already_pending = True
                 return row
         raise RuntimeError(f"could not send {signal} to {task_id}: the pending row kept changing")
 
     def _insert_pending(self, task_id, signal, message, requested_by):
         """INSERT the pending row unless one exists; return it, or None on conflict."""
-        table = connections[self.db].ops.quote_name(self.model._meta.db_table)
+        from tasksignal.notify import signal_channel
+
         requested_by_id = getattr(requested_by, "pk", requested_by)
         with connections[self.db].cursor() as cursor:
             cursor.execute(
-                f"""
-                INSERT INTO {table} (task_id, signal, message, requested_by_id, completed,
-                                     outcome, created, modified)
-                VALUES (%s, %s, %s, %s, false, '', STATEMENT_TIMESTAMP(), STATEMENT_TIMESTAMP())
-                ON CONFLICT (task_id, signal) WHERE NOT completed DO NOTHING
-                RETURNING id, created, modified
-                """,  # noqa: S608 - the table name is ours, quoted; values are parameters
-                [task_id, signal, message, requested_by_id],
+                sql.insert_signal(),
+                [task_id, signal, message, requested_by_id, signal_channel(task_id)],
             )
             inserted = cursor.fetchone()
         if inserted is None:
             return None
-        row_id, created, modified = inserted
+        row_id, created, modified, _ = inserted
         row = self.model(
             id=row_id,
             task_id=task_id,
@@ -95,6 +88,7 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         )
         row._state.adding = False
         row._state.db = self.db
+        row.already_pending = False
         return row
 
     def send_many(self, task_ids, signal: str, message: str = "", requested_by=None) -> list:
@@ -126,18 +120,8 @@ class CeleryTaskSignal(models.Model):
     PAUSE_TASK = PAUSE_TASK
     RESUME_TASK = RESUME_TASK
 
-    class Outcome(models.TextChoices):
-        COOPERATIVE = "cooperative", "Stopped at a checkpoint"
-        INTERRUPTED = "interrupted", "Interrupted"
-        KILLED = "killed", "Killed"
-        SKIPPED = "skipped", "Cancelled before it started"
-        TOO_LATE = "too_late", "Task had already finished"
-        EXPIRED = "expired", "Task never ran"
-        PAUSED = "paused", "Paused"
-        RESUMED = "resumed", "Resumed"
-        NOT_PAUSED = "not_paused", "Was not paused"
-        HANDLED = "handled", "Handled by the task"
-        FAILED = "failed", "Handler failed"
+    #: The names of every outcome (``tasksignal.states.Outcome``).
+    Outcome = Outcome
 
     task_id = models.CharField(max_length=255, db_index=True)
     signal = models.CharField(max_length=32, choices=registry.signal_choices)
@@ -146,7 +130,10 @@ class CeleryTaskSignal(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     completed = models.BooleanField(default=False)
-    outcome = models.CharField(max_length=16, choices=Outcome.choices, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.CHOICES, blank=True)
+    error = models.CharField(
+        max_length=255, blank=True, help_text="Why a registered handler failed, if it did."
+    )
     created = models.DateTimeField(db_default=Now(), editable=False)
     modified = models.DateTimeField(db_default=Now(), editable=False)
     acknowledged_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -204,19 +191,13 @@ class TaskRun(models.Model):
     API creates. Runs that last longer, fail, pause or are cancelled are always recorded.
     """
 
-    class State(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        PAUSED = "paused", "Paused"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
-
-    FINISHED_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+    #: The names of every run state (``tasksignal.states.RunState``).
+    State = RunState
+    FINISHED_STATES = tuple(sorted(RunState.FINISHED))
 
     task_id = models.CharField(max_length=255, unique=True)
     task_name = models.CharField(max_length=255, db_index=True)
-    state = models.CharField(max_length=16, choices=State.choices, db_index=True)
+    state = models.CharField(max_length=16, choices=RunState.CHOICES, db_index=True)
     worker = models.CharField(max_length=255, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -224,6 +205,7 @@ class TaskRun(models.Model):
     progress_current = models.FloatField(null=True, blank=True)
     progress_total = models.FloatField(null=True, blank=True)
     progress_message = models.CharField(max_length=255, blank=True)
+    error = models.CharField(max_length=1000, blank=True, help_text="Why the run failed.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

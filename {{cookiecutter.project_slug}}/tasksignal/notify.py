@@ -1,58 +1,48 @@
-"""Notifications over Redis pub/sub: the fast path that wakes the worker running a task.
+"""Notifications over PostgreSQL ``LISTEN``/``NOTIFY``: the fast path that wakes a worker node.
 
-A notification carries what the task needs to act (id, task, kind, message), so the
-worker does not have to read the row back. Losing one delays a signal by at most the
-reconcile interval: the database row stays the truth.
+Sending a signal inserts its row and calls ``pg_notify`` in the same statement, so the
+notification is delivered exactly when the row commits (never before, never for a rolled
+back row, never lost because the sender died after its commit). Each task has a channel of
+its own, and a worker node listens only on the channels of the tasks it holds: a notice
+reaches the one node that runs the task, or nobody. A notification carries what the task
+needs to act (id, kind, message), so the node need not read the row back; the row stays the
+truth, and the node also reads pending signals for its tasks every
+``TASKSIGNAL_RECONCILE_INTERVAL`` (covering the time it was disconnected).
+
+>>> channel = signal_channel("d0e1f2")
+>>> channel.startswith("ts_") and len(channel) <= 63
+True
+>>> decode('{"id": 7, "task_id": "d0e1f2", "signal": "cancel_task"}')["message"]
+''
 """
 
+import hashlib
 import json
-import logging
-import os
-import threading
-
-import redis
 
 from tasksignal import conf
 
-logger = logging.getLogger(__name__)
-
-_clients: dict[tuple[int, str], redis.Redis] = {}
-_clients_lock = threading.Lock()
+#: PostgreSQL truncates channel names to 63 bytes and a payload must stay under 8000.
+MAX_MESSAGE_IN_PAYLOAD = 4000
 
 
-def client() -> redis.Redis:
-    """The Redis client of this process (a new one after fork: sockets are not shared)."""
-    url = conf.get("TASKSIGNAL_REDIS_URL")
-    key = (os.getpid(), url)
-    with _clients_lock:
-        if key not in _clients:
-            _clients[key] = redis.Redis.from_url(
-                url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
-            )
-        return _clients[key]
+def signal_channel(task_id: str) -> str:
+    """The channel on which signals for ``task_id`` are announced.
+
+    A hash, so that any task id fits PostgreSQL's identifier length; salted with
+    ``TASKSIGNAL_CHANNEL`` so that services sharing a database never hear each other.
+    """
+    salted = f"{conf.get('TASKSIGNAL_CHANNEL')}\0{task_id}".encode()
+    return f"ts_{hashlib.blake2b(salted, digest_size=20).hexdigest()}"
 
 
-def encode(row) -> str:
-    """The notification payload for a signal row."""
-    return json.dumps(
-        {"id": row.pk, "task_id": row.task_id, "signal": row.signal, "message": row.message}
-    )
+def decode(data: str) -> dict:
+    """Parse a notification payload; raises ``ValueError`` on anything else.
 
-
-def decode(data: bytes | str) -> dict:
-    """Parse a payload made by :func:`encode`; raises ``ValueError`` on anything else."""
+    Payloads are built by the ``send`` statement (``sql.py``); a message longer than
+    :data:`MAX_MESSAGE_IN_PAYLOAD` arrives cut, with ``truncated`` set.
+    """
     payload = json.loads(data)
     if not isinstance(payload, dict) or not {"id", "task_id", "signal"} <= payload.keys():
         raise ValueError(f"not a tasksignal notification: {data!r}")
     payload.setdefault("message", "")
     return payload
-
-
-def publish(row) -> None:
-    """Notify the workers of ``row``; a Redis failure is logged, reconciliation delivers it."""
-    try:
-        client().publish(conf.get("TASKSIGNAL_CHANNEL"), encode(row))
-    except redis.RedisError:
-        logger.warning(
-            "could not publish signal %s; workers will read it from the database", row.pk
-        )

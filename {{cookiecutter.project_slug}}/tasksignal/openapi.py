@@ -60,7 +60,7 @@ def _schemas() -> dict:
     outcome = {
         "type": "string",
         "nullable": True,
-        "enum": [*CeleryTaskSignal.Outcome.values, None],
+        "enum": [*(value for value, _ in CeleryTaskSignal.Outcome.CHOICES), None],
         "description": "How the signal ended; null while it is pending.",
     }
     signal_fields = {
@@ -167,7 +167,7 @@ def _schemas() -> dict:
                 "run_state": {
                     "type": "string",
                     "nullable": True,
-                    "enum": [*TaskRun.State.values, None],
+                    "enum": [*(value for value, _ in TaskRun.State.CHOICES), None],
                     "description": "State of the run record; null when there is none.",
                 },
                 "result": {"description": "The task's return value once SUCCESS, else null."},

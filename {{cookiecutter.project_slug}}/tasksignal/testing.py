@@ -169,6 +169,30 @@ class WorkerProcess:
         self.stop()
 
 
+def running_pid(task_id: str) -> int | None:
+    """The pid of the process executing ``task_id`` on any worker node of this machine, by
+    the nodes' mailboxes; ``None`` while no process runs it.
+
+    The run writes its mailbox itself when it starts, so this sees even a task stuck in C
+    code holding the GIL.
+    """
+    from tasksignal.board import Board, board_dir
+
+    folder = board_dir()
+    for path in folder.glob("*.board") if folder.is_dir() else ():
+        board = Board.open(path)
+        if board is None:
+            continue
+        try:
+            index = board.find(task_id)
+            run = None if index is None else board.read_run(index, task_id)
+            if run is not None and board.runs(index, task_id, run.pid):
+                return run.pid
+        finally:
+            board.close()
+    return None
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM the worker when the process that started it dies (a killed
     test run must not leave workers behind); a no-op elsewhere."""

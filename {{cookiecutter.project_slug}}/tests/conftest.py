@@ -14,7 +14,7 @@ from django.db import connection
 
 import tests.tasks  # noqa: F401 - registers the test-only signal kind in this process too
 from tasksignal.models import CeleryTaskSignal
-from tasksignal.testing import WorkerProcess
+from tasksignal.testing import WorkerProcess, running_pid
 
 
 def database_url() -> str:
@@ -88,19 +88,10 @@ def wait_until_completed(signal: CeleryTaskSignal, timeout: float = 15.0) -> Cel
     return signal
 
 
-def wait_until_running(result, timeout: float = 15.0) -> None:
-    """Wait until some worker process runs ``result``'s task, as its run slot says.
-
-    The slot is written by the task's own thread, so this works even for a task stuck in
-    C code, whose process cannot flush its run record.
-    """
-    from tasksignal.slots import read_slot, slot_dir
-
-    def running() -> bool:
-        slots = slot_dir().glob("*.slot") if slot_dir().is_dir() else ()
-        return any(read_slot(int(path.stem)) == result.id for path in slots)
-
-    wait_for(running, timeout, f"task {result.id} to start running")
+def wait_until_running(result, timeout: float = 15.0) -> int:
+    """Wait until some worker process runs ``result``'s task, as its mailbox says; return
+    that process's pid (works even for a task stuck in C code holding the GIL)."""
+    return wait_for(lambda: running_pid(result.id), timeout, f"task {result.id} to start running")
 
 
 def cancel_running(result) -> CeleryTaskSignal:

@@ -1,39 +1,50 @@
-"""How signals reach workers: after commit, fast, to any worker, and despite lost messages."""
+"""How signals reach workers: when the row commits, fast, to the one node holding the task,
+and despite missed notifications."""
 
 import shutil
 import socket
 import subprocess
 
+import psycopg
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, current_app
 from django.conf import settings
 from django.db import transaction
-from django.test import override_settings
 
 from tasksignal import notify
 from tasksignal.models import CeleryTaskSignal
 from tests import tasks
-from tests.conftest import wait_for, wait_until_completed, wait_until_running
+from tests.conftest import database_url, wait_for, wait_until_completed, wait_until_running
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 
-def subscribe():
-    pubsub = notify.client().pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(settings.TASKSIGNAL_CHANNEL)
-    return pubsub
+@pytest.fixture
+def listener():
+    """A separate PostgreSQL session, as a worker node has, listening on a task's channel."""
+    with psycopg.connect(database_url(), autocommit=True) as session:
+
+        def listen(task_id: str):
+            session.execute(f'LISTEN "{notify.signal_channel(task_id)}"')
+            return session
+
+        yield listen
 
 
-def test_notification_is_published_only_after_the_row_commits():
-    pubsub = subscribe()
+def next_notice(session, timeout: float):
+    return next(iter(session.notifies(timeout=timeout, stop_after=1)), None)
+
+
+def test_notification_is_sent_only_when_the_row_commits(listener):
+    session = listener("after-commit")
     with transaction.atomic():
         signal = CeleryTaskSignal.objects.cancel("after-commit")
-        early = pubsub.get_message(timeout=0.3)
+        early = next_notice(session, 0.3)
         assert early is None, f"notified before commit: {early}"
-    message = pubsub.get_message(timeout=2)
-    assert message is not None, "no notification after commit"
-    assert notify.decode(message["data"])["id"] == signal.pk
+    notice = next_notice(session, 2)
+    assert notice is not None, "no notification after commit"
+    assert notify.decode(notice.payload)["id"] == signal.pk
 
 
 def cancel_then_roll_back() -> None:
@@ -42,11 +53,57 @@ def cancel_then_roll_back() -> None:
         raise RuntimeError("roll back")
 
 
-def test_rolled_back_signal_is_never_published():
-    pubsub = subscribe()
+def test_rolled_back_signal_is_never_announced(listener):
+    session = listener("rolled-back")
     with pytest.raises(RuntimeError):
         cancel_then_roll_back()
-    assert pubsub.get_message(timeout=0.5) is None, "a rolled-back signal was published"
+    assert next_notice(session, 0.5) is None, "a rolled-back signal was announced"
+
+
+def test_notification_carries_what_the_task_needs(listener):
+    session = listener("carries")
+    CeleryTaskSignal.objects.send("carries", "append_message", message="hello")
+    payload = notify.decode(next_notice(session, 2).payload)
+    assert (payload["signal"], payload["message"]) == ("append_message", "hello")
+
+
+def node_state(worker) -> dict:
+    """What a worker's node answers to ``celery inspect tasksignal``."""
+    replies = current_app.control.broadcast(
+        "tasksignal", reply=True, destination=[worker.node_name], timeout=5
+    )
+    return replies[0][worker.node_name]
+
+
+def test_a_cancel_notice_reaches_only_the_node_running_the_task(make_worker):
+    first = make_worker(concurrency=2, hostname="first@%h")
+    second = make_worker(concurrency=2, hostname="second@%h")
+    result = tasks.count_with_checkpoints.apply_async(kwargs={"steps": 100_000}, queue=first.queue)
+    wait_until_running(result)
+    wait_for(lambda: node_state(first)["tasks"].get(result.id, {}).get("listening"), 5, "listening")
+    before = {w.node_name: node_state(w)["notices"] for w in (first, second)}
+    signal = wait_until_completed(CeleryTaskSignal.objects.cancel(result.id))
+    assert signal.outcome == "cooperative", f"expected cooperative, got {signal.outcome}"
+    heard = {w.node_name: node_state(w)["notices"] - before[w.node_name] for w in (first, second)}
+    assert heard == {first.node_name: 1, second.node_name: 0}, f"notices heard: {heard}"
+
+
+def test_a_node_holding_no_task_listens_to_nothing(make_worker):
+    idle = make_worker(concurrency=4)
+    state = node_state(idle)
+    assert state["tasks"] == {}, f"an idle node holds {state['tasks']}"
+
+
+def test_signal_missing_its_notification_is_delivered_by_reconciliation(worker):
+    result = tasks.count_with_checkpoints.delay(steps=100_000)
+    wait_until_running(result)
+    # Written without pg_notify: only the node's periodic read of its tasks' signals sees it.
+    signal = CeleryTaskSignal.objects.create(task_id=result.id, signal="cancel_task")
+    interval = settings.TASKSIGNAL_RECONCILE_INTERVAL
+    signal = wait_until_completed(signal, timeout=interval + 5)
+    assert signal.outcome == "cooperative", f"expected cooperative, got {signal.outcome}"
+    took = (signal.completed_at - signal.created).total_seconds()
+    assert took <= interval + 1, f"reconciliation took {took:.1f}s, interval is {interval}s"
 
 
 def test_prefetched_task_cancelled_while_queued_is_skipped(make_worker, tmp_path):
@@ -164,7 +221,7 @@ def private_app(url: str) -> Celery:
     return app
 
 
-def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
+def test_cancel_sent_while_redis_is_down_is_honoured_at_once(
     private_redis, make_worker, monkeypatch
 ):
     # Celery lets these variables override the URLs an app is given: drop them for our clients.
@@ -174,7 +231,6 @@ def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
         "REDIS_URL": private_redis.url,
         "CELERY_BROKER_URL": private_redis.url,
         "CELERY_RESULT_BACKEND": private_redis.url,
-        "TASKSIGNAL_REDIS_URL": private_redis.url,
     }
     app = private_app(private_redis.url)
     with make_worker(concurrency=1, env=urls, app=app) as private_worker:
@@ -185,14 +241,11 @@ def test_cancel_sent_while_redis_is_down_is_honoured_by_reconciliation(
         )
         wait_until_running(result)
         private_redis.stop()
-        with override_settings(TASKSIGNAL_REDIS_URL=private_redis.url):
-            signal = CeleryTaskSignal.objects.cancel(result.id)  # publish fails: Redis is down
-        interval = settings.TASKSIGNAL_RECONCILE_INTERVAL
-        signal = wait_until_completed(signal, timeout=interval + 5)
+        signal = wait_until_completed(CeleryTaskSignal.objects.cancel(result.id), timeout=5)
         private_redis.start()
         assert signal.outcome == "cooperative", f"expected cooperative, got {signal.outcome}"
         took = (signal.completed_at - signal.created).total_seconds()
-        assert took <= interval + 1, f"reconciliation took {took:.1f}s, interval is {interval}s"
+        assert took < 1, f"the cancel took {took:.1f}s although signals do not need Redis"
         # A fresh client: the first one's result listener gave up while Redis was down.
         after = private_app(private_redis.url)
         answer = after.send_task(

@@ -120,6 +120,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Let Django's LOGGING configure the worker's loggers instead of Celery taking the root logger.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
+# Celery's Django fixup closes every database connection before and after each task unless
+# this is set (then only every this many tasks): a new connection per task otherwise.
+# config/celery.py checks connections per task the way Django does per request instead.
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=100_000)
 {%- if cookiecutter.use_celery_beat == "y" %}
 CELERY_BEAT_SCHEDULE = {
     "tasksignal-sweep": {
@@ -130,7 +134,6 @@ CELERY_BEAT_SCHEDULE = {
 {%- endif %}
 
 # Task signalling (see tasksignal/conf.py for what each one does) ----------------------
-TASKSIGNAL_REDIS_URL = env("TASKSIGNAL_REDIS_URL", default=REDIS_URL)
 TASKSIGNAL_CHANNEL = env("TASKSIGNAL_CHANNEL", default=f"{PROJECT_SLUG}:tasksignal")
 TASKSIGNAL_CANCEL_GRACE = env.float("TASKSIGNAL_CANCEL_GRACE", default=1.0)
 TASKSIGNAL_KILL_AFTER = env.float("TASKSIGNAL_KILL_AFTER", default=5.0)
