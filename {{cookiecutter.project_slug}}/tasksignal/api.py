@@ -27,6 +27,7 @@ from django.views.decorators.csrf import csrf_exempt
 from tasksignal import conf, openapi
 from tasksignal.auth import AuthenticationFailed, authenticate, csrf_failure
 from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.states import RECORDED_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,9 @@ def start_task(request, user):
             TaskRun.objects.create(task_id=task_id, task_name=name, state=TaskRun.State.QUEUED)
             # After the commit: a worker that picks the task up at once finds its record.
             transaction.on_commit(
-                lambda: current_app.send_task(name, kwargs=kwargs, task_id=task_id)
+                lambda: current_app.send_task(
+                    name, kwargs=kwargs, task_id=task_id, headers={RECORDED_HEADER: True}
+                )
             )
     except Exception as exc:
         if not _redis_failure(exc):

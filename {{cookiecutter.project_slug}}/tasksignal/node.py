@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 from celery import bootsteps
+from celery.signals import task_received
 from celery.worker import state as worker_state
 from celery.worker.components import Pool
 from celery.worker.control import inspect_command
@@ -58,7 +59,7 @@ from tasksignal import conf, notify, sql
 from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.runtime import BOARD_VARIABLE, INTERRUPT_SIGNAL
-from tasksignal.states import Outcome, RunState
+from tasksignal.states import RECORDED_HEADER, Outcome, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,14 @@ class Admission:
     request: object
     index: int | None
     killed: bool = False
+
+
+@dataclass
+class Observed:
+    """A task that is not signal-aware, with a run record to keep (main thread only)."""
+
+    request: object
+    started: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,7 @@ class Node:
         self.worker = None
         # Main thread.
         self._admitted: dict[str, Admission] = {}
+        self._observed: dict[str, Observed] = {}
         # Main thread -> node thread.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         # Node thread -> main thread: stops whose outcome is written (the main thread may
@@ -178,6 +188,8 @@ class Node:
         self.notices = 0
         #: What ``celery inspect tasksignal`` answers; replaced whole by the node's thread.
         self.snapshot: dict = {}
+        self._db_fd: int | None = None
+        os.register_at_fork(after_in_child=self._forget_in_child)
 
     # -- lifecycle (main thread) -------------------------------------------------------
     def start(self, worker) -> None:
@@ -269,9 +281,25 @@ class Node:
         self._free(request.id, admission)
         self._push("ended", request.id, request.name, RunState.FAILED, error[:1000])
 
+    def observe(self, request) -> None:
+        """Follow a task that is not signal-aware but has a run record (the API started it),
+        so that its record does not stay ``queued``."""
+        self._observed[request.id] = Observed(request)
+
     def main_tick(self) -> None:
-        """Main thread, every ``MAIN_TICK``: runs that succeeded, and kills to carry out."""
+        """Main thread, every ``MAIN_TICK``: runs that ended, and kills to carry out."""
         reserved = worker_state.reserved_requests
+        for task_id, observed in list(self._observed.items()):
+            request = observed.request
+            if request.time_start is not None and not observed.started:
+                observed.started = True
+                self._push(
+                    "observed_started", task_id, request.name, request.worker_pid,
+                    request.time_start,
+                )  # fmt: skip
+            if request not in reserved:
+                del self._observed[task_id]
+                self._push("observed_ended", task_id, request.name, request.task.backend)
         for task_id, admission in list(self._admitted.items()):
             # Celery drops a request from its reserved set when it ends; a failure or a
             # stop would have come through on_failure first, so this run succeeded.
@@ -420,8 +448,17 @@ class Node:
             if index >= 0:
                 self._woken.add(index)
 
+    def _forget_in_child(self) -> None:
+        """In a pool process: close what it inherited of the node but must never use (the
+        board and the write end of the wake-up pipe it keeps: that is how runs talk)."""
+        for fd in (self._db_fd, self._wake_read):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def _connect(self) -> None:
         connection.ensure_connection()
+        self._db_fd = connection.connection.fileno()
         self._connected = True
         # A new session listens to nothing and may have missed notifications.
         self._listening.clear()
@@ -676,6 +713,24 @@ class Node:
             }
         entry.update(fields)
 
+    # -- runs of tasks that are not signal-aware, started with a record (the API's) ------
+    def _on_observed_started(self, task_id, task_name, pid, time_start) -> None:
+        started_at = datetime.datetime.fromtimestamp(time_start, datetime.UTC)
+        self._record(
+            Tracked(task_id, task_name, None, 0.0, None),
+            state=RunState.RUNNING,
+            started_at=started_at,
+            pid=pid,
+        )
+
+    def _on_observed_ended(self, task_id, task_name, backend) -> None:
+        # Celery alone knows how a plain task ended; its result backend tells.
+        state = CELERY_TO_RUN_STATE.get(backend.get_state(task_id), RunState.FAILED)
+        finished_at = datetime.datetime.now(datetime.UTC)
+        self._record(
+            Tracked(task_id, task_name, None, 0.0, None), state=state, finished_at=finished_at
+        )
+
     def _flush_records(self, force: bool = False) -> None:
         from tasksignal.models import TaskRun
 
@@ -728,6 +783,13 @@ def _write_records(TaskRun, records: dict[str, dict], hostname: str) -> None:
         )
 
 
+#: A plain Celery task's end state, as its run record names it.
+CELERY_TO_RUN_STATE = {
+    "SUCCESS": RunState.SUCCEEDED,
+    "FAILURE": RunState.FAILED,
+    "REVOKED": RunState.CANCELLED,
+}
+
 #: Run states a mailbox reports while a process executes the run.
 LIVE_RUN_STATES = frozenset({boards.RUNNING, boards.PAUSED})
 
@@ -756,6 +818,15 @@ def _main_query(statement: str, params: list) -> list:
             if attempt == 2:
                 raise
     return []
+
+
+@task_received.connect
+def _observe_recorded(request=None, **kwargs) -> None:
+    """A task that is not signal-aware but whose run the producer recorded: follow it."""
+    node = current()
+    signal_aware = hasattr(request, "_tasksignal_admitted")  # a SignalAwareRequest
+    if node is not None and not signal_aware and request.request_dict.get(RECORDED_HEADER):
+        node.observe(request)
 
 
 @inspect_command()

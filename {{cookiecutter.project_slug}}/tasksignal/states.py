@@ -1,5 +1,5 @@
-"""Every name tasksignal gives a signal's outcome or a run's state, in one module that
-imports nothing (as ``celery.states`` does for Celery's states).
+"""Every name tasksignal gives a signal's outcome, a run's state or a message header, in
+one module that imports nothing (as ``celery.states`` does for Celery's states).
 
 Code compares against these constants, never against string literals; the models take
 their choices (value and human label) from here.
@@ -81,3 +81,8 @@ class RunState:
     FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
     #: States of a run a worker process is executing.
     LIVE = frozenset({RUNNING, PAUSED})
+
+
+#: The message header a producer sets on a task whose run it recorded (``queued``): the
+#: worker node then keeps that record true even for a task that is not signal-aware.
+RECORDED_HEADER = "tasksignal_recorded"

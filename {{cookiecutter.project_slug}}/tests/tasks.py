@@ -4,12 +4,15 @@ Each one has a single shape of work, so each test can name the ladder step it ex
 Files passed in as paths let the tests observe, from outside the worker, what ran.
 """
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_revoked
 from django.contrib.auth.models import User
 from django.db import connection, transaction
 
@@ -32,6 +35,18 @@ def append_message(task, signal) -> None:
 
 
 register_signal("append_message", append_message)
+
+#: Where the worker's ``task_revoked`` receiver below writes, when the tests set it.
+REVOKED_LOG_VARIABLE = "TESTS_TASK_REVOKED_LOG"
+
+
+@task_revoked.connect
+def log_revoked(request=None, terminated=None, **kwargs) -> None:
+    """Write each revoked task's id and pid (the worker's main process sends this signal)."""
+    path = os.environ.get(REVOKED_LOG_VARIABLE)
+    if path and request is not None:
+        _append(path, f"{request.id} {os.getpid()} terminated={terminated}")
+
 
 signal_aware = {"base": SignalAwareTask, "bind": True}
 rungs = {"cancel_grace": CANCEL_GRACE, "kill_after": KILL_AFTER}
@@ -125,6 +140,27 @@ def query_postgres_sleep(self, seconds: float = 60.0) -> str:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [seconds])
     return "queried"
+
+
+@shared_task(**signal_aware, **rungs)
+def ignore_interrupts_in_a_query(self, seconds: float = 60.0) -> str:
+    """Disable the interrupt (its own SIGUSR2 handler), then wait in a server-side query:
+    only the kill stops it, and the query must not outlive it."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+    return "queried"
+
+
+@shared_task(**signal_aware)
+def hold_a_connection(self, seconds: float = 5.0) -> int:
+    """Open this process's database connection, then wait (checkpointing) with it open."""
+    connection.ensure_connection()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        self.checkpoint()
+        time.sleep(0.02)
+    return connection.connection.info.backend_pid
 
 
 @shared_task(**signal_aware)

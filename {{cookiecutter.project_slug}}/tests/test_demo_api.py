@@ -80,3 +80,19 @@ def test_the_revoke_baseline_kills_the_process_running_the_task(worker, client, 
 
     wait_for(lambda: pid not in worker.child_pids(), 15, f"child {pid} to be killed")
     assert status(client, headers, task_id)["state"] == "REVOKED"
+
+
+def test_a_plain_task_started_through_the_api_is_recorded_as_it_ends(worker, client, headers):
+    response = client.post(
+        "/api/tasks/",
+        {"task": "demo.tasks.add", "kwargs": {"x": 2, "y": 3}},
+        content_type="application/json",
+        headers=headers,
+    )
+    task_id = response.json()["id"]
+    wait_for(
+        lambda: status(client, headers, task_id)["run_state"] == "succeeded",
+        10,
+        "the plain task's record to say succeeded, not queued",
+    )
+    assert status(client, headers, task_id)["result"] == 5
