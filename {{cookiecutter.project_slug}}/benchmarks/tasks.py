@@ -15,7 +15,7 @@ from celery.contrib.abortable import AbortableTask
 
 from benchmarks.common import mark
 from tasksignal.base import SignalAwareTask
-from tasksignal.runtime import runtime
+from tasksignal.runtime import this_thread
 
 #: ``cancel_grace`` of the cancel-latency tasks: the interrupt comes this long after a cancel.
 CANCEL_GRACE = 0.2
@@ -67,7 +67,7 @@ def checkpoint_cost(self, calls: int, batches: int) -> dict:
     ``in_run`` proves that the calls took the path of a running task (a current run with
     nothing pending), not the shortcut taken outside a task.
     """
-    run = runtime.current
+    run = this_thread.run
     figures = _time_batches(self.checkpoint, calls, batches)
     figures["in_run"] = run is not None and run.task_id == self.request.id and not run.attention
     return figures
@@ -90,6 +90,29 @@ def noop_signal_aware(self) -> None:
 @shared_task
 def noop_plain() -> None:
     """Do nothing, as a plain Celery task (the project's default task class)."""
+
+
+# -- worker node cost -----------------------------------------------------------------
+#: The shape of the node-cost tasks: STEPS steps of STEP_SECONDS each.
+STEPS, STEP_SECONDS = 15, 0.02
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def steps_signal_aware(self, steps: int = STEPS, step_seconds: float = STEP_SECONDS) -> int:
+    """Work in steps with a checkpoint and a progress report each: a typical signal-aware task."""
+    for step in range(steps):
+        self.checkpoint()
+        time.sleep(step_seconds)
+        self.set_progress(step + 1, steps)
+    return steps
+
+
+@shared_task
+def steps_plain(steps: int = STEPS, step_seconds: float = STEP_SECONDS) -> int:
+    """The same steps as a plain Celery task: the baseline."""
+    for _ in range(steps):
+        time.sleep(step_seconds)
+    return steps
 
 
 # -- cancel latency --------------------------------------------------------------------

@@ -51,7 +51,7 @@ from psycopg import pq
 
 from tasksignal import conf
 from tasksignal.exceptions import RunStopped, TaskCancelled
-from tasksignal.runtime import Run, runtime
+from tasksignal.runtime import Run, runtime, this_thread
 from tasksignal.states import Outcome
 
 logger = logging.getLogger(__name__)
@@ -88,22 +88,22 @@ class SignalAwareTask(DjangoTask):
         """React to pending signals: raise :class:`TaskCancelled`, block while paused, or run
         registered handlers. Costs one memory read when nothing is pending.
         """
-        run = runtime.current
+        run = this_thread.run
         if run is not None and run.view[run.attention_at] != run.attention_seen:
             runtime.handle_attention(self, run)
 
     def set_progress(self, current: float, total: float | None = None, message: str = "") -> None:
         """Report progress; the worker node records it in the run's ``TaskRun``."""
-        run = runtime.current
-        if run is not None:
-            runtime.report_progress(run, current, total, message[:255])
+        run = this_thread.run
+        if run is not None and run.mailbox is not None:
+            run.mailbox.report_progress(current, total, message)
 
     def add_cleanup(self, callback, *args, **kwargs):
         """Run ``callback(*args, **kwargs)`` if this run is cancelled (last added, first run).
 
         Returns ``callback``, so it also works as a decorator inside the task body.
         """
-        run = runtime.current
+        run = this_thread.run
         if run is None:
             raise RuntimeError("add_cleanup() is only available inside a running task")
         run.cleanups.append((callback, args, kwargs))
@@ -112,7 +112,7 @@ class SignalAwareTask(DjangoTask):
     @property
     def run_state(self) -> dict:
         """A dict private to the current run, shared with custom signal handlers."""
-        run = runtime.current
+        run = this_thread.run
         if run is None:
             raise RuntimeError("run_state is only available inside a running task")
         return run.state

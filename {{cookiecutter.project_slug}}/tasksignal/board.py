@@ -75,27 +75,24 @@ TASK_ID_AT = 32
 SIGNALS_AT = TASK_ID_AT + MAX_TASK_ID
 # -- run half ----------------------------------------------------------------------------
 RUN_AT = SIGNALS_AT + MAX_SIGNALS_JSON
-# run_seq, pid, thread_ident, run_state, backend_pid, started, progress current/total,
-# progress message length, acks_written
-RUN = struct.Struct("<IiQBidddHIB")
-RUN_FIELDS = (
-    "seq",
-    "pid",
-    "thread_ident",
-    "run_state",
-    "backend_pid",
-    "started",
-    "progress_current",
-    "progress_total",
-    "progress_message_len",
-    "acks_written",
-    "stop_outcome",
-)
-PROGRESS_MESSAGE_AT = RUN_AT + RUN.size
+SEQ = struct.Struct("<I")  # the run half's sequence counter, odd while its writer is busy
+# pid, thread ident, run state, database backend pid, start (epoch), stop outcome index
+IDENT = struct.Struct("<iQBidB")
+IDENT_AT = RUN_AT + 4
+PROGRESS = struct.Struct("<ddH")  # current, total (NaN: none), message length
+PROGRESS_AT = IDENT_AT + IDENT.size
+ACKS_WRITTEN = struct.Struct("<I")
+ACKS_WRITTEN_AT = PROGRESS_AT + PROGRESS.size
+PROGRESS_MESSAGE_AT = ACKS_WRITTEN_AT + ACKS_WRITTEN.size
 ACK = struct.Struct("<qB15sH")  # signal id, outcome length, outcome, error length
 ACK_SIZE = ACK.size + MAX_ERROR
 ACKS_AT = PROGRESS_MESSAGE_AT + MAX_PROGRESS_MESSAGE + 1
 assert ACKS_AT + ACK_SLOTS * ACK_SIZE <= ENTRY_SIZE  # a layout invariant
+
+_SEQ_PACK, _SEQ_UNPACK = SEQ.pack_into, SEQ.unpack_from
+_PROGRESS_PACK = PROGRESS.pack_into
+_NAN = math.nan
+IDENT_FIELDS = ("pid", "thread_ident", "run_state", "backend_pid", "started", "stop_outcome")
 
 #: How long a reader spins on a half that its writer is busy with, at most.
 TORN_READ_RETRIES = 1000
@@ -247,8 +244,7 @@ class Board:
                 if self.view[base + STATE_AT] != USED:
                     self.view[base : base + ENTRY_SIZE] = bytes(ENTRY_SIZE)
                     NODE.pack_into(self._map, base + NODE_AT, len(key), 0, 0, 0, 0)
-                    RUN.pack_into(self._map, base + RUN_AT, 0, 0, 0, WAITING, 0, 0.0,
-                                  math.nan, math.nan, 0, 0, 0)  # fmt: skip
+                    PROGRESS.pack_into(self._map, base + PROGRESS_AT, math.nan, math.nan, 0)
                     self.view[base + TASK_ID_AT : base + TASK_ID_AT + len(key)] = key
                     # Published last: a run probing meanwhile sees a whole entry or none.
                     self.view[base + STATE_AT] = USED
@@ -364,7 +360,7 @@ class Mailbox:
     posts signals or requests an interrupt.
     """
 
-    __slots__ = ("_base", "_map", "board", "index", "view")
+    __slots__ = ("_base", "_map", "_message", "_message_length", "board", "index", "view")
 
     def __init__(self, board: Board, index: int) -> None:
         self.board = board
@@ -372,6 +368,8 @@ class Mailbox:
         self._base = board._at(index)
         self._map = board._map
         self.view = board.view
+        self._message = ""
+        self._message_length = 0
 
     @property
     def attention_at(self) -> int:
@@ -397,34 +395,48 @@ class Mailbox:
 
     def report(self, **fields) -> None:
         """Write fields of the run half: ``pid``, ``thread_ident``, ``run_state``,
-        ``backend_pid``, ``started``, ``progress`` (``(current, total or None, message)``)
-        and ``stop_outcome``.
+        ``backend_pid``, ``started`` and ``stop_outcome`` (a rung of ``Outcome.LADDER``).
         """
-        values = dict(zip(RUN_FIELDS, RUN.unpack_from(self._map, self._base + RUN_AT), strict=True))
-        message = None
-        for name in ("pid", "thread_ident", "run_state", "backend_pid", "started"):
-            if name in fields:
-                values[name] = fields[name]
+        values = dict(
+            zip(IDENT_FIELDS, IDENT.unpack_from(self._map, self._base + IDENT_AT), strict=True)
+        )
+        values.update(fields)
         if "stop_outcome" in fields:
             values["stop_outcome"] = STOP_OUTCOMES.index(fields["stop_outcome"])
-        if "progress" in fields:
-            current, total, text = fields["progress"]
-            values["progress_current"] = float(current)
-            values["progress_total"] = math.nan if total is None else float(total)
-            message = text.encode()[:MAX_PROGRESS_MESSAGE]
-            values["progress_message_len"] = len(message)
-        self._write_run(values, message)
+        with self._writing():
+            IDENT.pack_into(self._map, self._base + IDENT_AT, *values.values())
 
-    def _write_run(self, values: dict, message: bytes | None = None) -> None:
-        """Write the run half, bracketed by its sequence counter (odd while writing)."""
+    def report_progress(self, current: float, total: float | None, message: str) -> None:
+        """Write the run's progress. ``set_progress()`` calls it every step, with caches
+        cold after the step's own work, so it does as little as it can: a few memory
+        copies, the message only when it changed."""
+        file_map, seq_at = self._map, self._base + RUN_AT
+        seq = _SEQ_UNPACK(file_map, seq_at)[0]
+        _SEQ_PACK(file_map, seq_at, seq + 1)
+        if message != self._message:
+            self._message = message
+            text = message.encode()[:MAX_PROGRESS_MESSAGE]
+            self._message_length = len(text)
+            self.view[self._base + PROGRESS_MESSAGE_AT :][: len(text)] = text
+        _PROGRESS_PACK(
+            file_map,
+            self._base + PROGRESS_AT,
+            current,
+            _NAN if total is None else total,
+            self._message_length,
+        )
+        _SEQ_PACK(file_map, seq_at, seq + 2)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Bracket a write of the run half by its sequence counter (odd while writing)."""
         at = self._base + RUN_AT
-        values["seq"] += 1
-        RUN.pack_into(self._map, at, *values.values())
-        if message is not None:
-            start = self._base + PROGRESS_MESSAGE_AT
-            self.view[start : start + len(message)] = message
-        values["seq"] += 1
-        RUN.pack_into(self._map, at, *values.values())
+        (seq,) = SEQ.unpack_from(self._map, at)
+        SEQ.pack_into(self._map, at, seq + 1)
+        try:
+            yield
+        finally:
+            SEQ.pack_into(self._map, at, seq + 2)
 
     def wake_node(self) -> None:
         """Tell the node's thread to look at this mailbox now (a run ended)."""
@@ -451,34 +463,37 @@ class Mailbox:
         text = error.encode(errors="replace")[:MAX_ERROR]
         ACK.pack_into(self._map, slot, signal_id, len(name), name, len(text))
         self.view[slot + ACK.size : slot + ACK.size + len(text)] = text
-        values = dict(zip(RUN_FIELDS, RUN.unpack_from(self._map, self._base + RUN_AT), strict=True))
-        values["acks_written"] += 1
-        self._write_run(values)
+        with self._writing():
+            ACKS_WRITTEN.pack_into(self._map, self._base + ACKS_WRITTEN_AT, report.acks_written + 1)
 
 
 def _read_run(view: memoryview, file_map: mmap.mmap, base: int) -> RunReport:
     at = base + RUN_AT
     for _ in range(TORN_READ_RETRIES):
-        values = dict(zip(RUN_FIELDS, RUN.unpack_from(file_map, at), strict=True))
-        if values["seq"] % 2:
+        (seq,) = SEQ.unpack_from(file_map, at)
+        if seq % 2:
             continue
+        pid, thread_ident, run_state, backend_pid, started, stop = IDENT.unpack_from(
+            file_map, base + IDENT_AT
+        )
+        current, total, length = PROGRESS.unpack_from(file_map, base + PROGRESS_AT)
+        (acks_written,) = ACKS_WRITTEN.unpack_from(file_map, base + ACKS_WRITTEN_AT)
         start = base + PROGRESS_MESSAGE_AT
-        message = bytes(view[start : start + values["progress_message_len"]])
-        if RUN.unpack_from(file_map, at)[0] != values["seq"]:
+        message = bytes(view[start : start + length])
+        if SEQ.unpack_from(file_map, at)[0] != seq:
             continue
-        current, total = values["progress_current"], values["progress_total"]
         return RunReport(
-            seq=values["seq"],
-            pid=values["pid"],
-            thread_ident=values["thread_ident"],
-            run_state=values["run_state"],
-            backend_pid=values["backend_pid"],
-            started=values["started"],
+            seq=seq,
+            pid=pid,
+            thread_ident=thread_ident,
+            run_state=run_state,
+            backend_pid=backend_pid,
+            started=started,
             progress_current=None if math.isnan(current) else current,
             progress_total=None if math.isnan(total) else total,
             progress_message=message.decode(errors="replace"),
-            acks_written=values["acks_written"],
-            stop_outcome=STOP_OUTCOMES[values["stop_outcome"]],
+            acks_written=acks_written,
+            stop_outcome=STOP_OUTCOMES[stop],
         )
     raise RuntimeError("the run kept rewriting its mailbox")
 

@@ -17,8 +17,8 @@ database statements that must happen before Celery moves on:
   worker that dies in between leaves a completed cancel and a message that is skipped
   when it comes back, never a task that runs again.
 
-``on_accepted()`` tells the node that a pool process started the run. Without a node in
-this worker (``tasksignal.node.NodeStep`` not added) the request behaves like Celery's.
+Without a node in this worker (``tasksignal.node.NodeStep`` not added) the request
+behaves like Celery's.
 """
 
 from celery.worker.request import Request
@@ -29,7 +29,7 @@ from tasksignal.exceptions import RunStopped
 
 
 class SignalAwareRequest(Request):
-    """Celery's request, with the worker node's admission, start and stop hooks."""
+    """Celery's request, with the worker node's admission and stop hooks."""
 
     _tasksignal_admitted = None
 
@@ -46,13 +46,6 @@ class SignalAwareRequest(Request):
         # Celery's own announcement of a revoked task, with our reason.
         self._announce_revoked("cancelled (skipped)", False, None, False)
         return True
-
-    def on_accepted(self, pid, time_accepted) -> None:
-        """A pool process took the task: record it running."""
-        super().on_accepted(pid, time_accepted)
-        node = nodes.current()
-        if node is not None and self._tasksignal_admitted:
-            node.run_started(self)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         """A run that did not succeed: a stopped one is a revoke, anything else Celery's."""

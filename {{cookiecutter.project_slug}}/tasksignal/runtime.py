@@ -17,7 +17,7 @@ runs (pid, thread). From then on:
 In ``solo`` and ``threads`` pools the node lives in the same process; the same mailboxes
 serve, and the node interrupts a run in a pool thread with an asynchronous exception.
 
->>> runtime.current is None   # outside a task
+>>> this_thread.run is None   # outside a task
 True
 """
 
@@ -96,21 +96,29 @@ class Run:
         return self.view[self.attention_at] != self.attention_seen
 
 
+class ThisThread(threading.local):
+    """What runs in the current thread: ``this_thread.run`` is its :class:`Run`, or ``None``.
+
+    A ``threading.local`` with a class default, so that reading it is one attribute lookup
+    done in C: ``checkpoint()`` reads it every time.
+    """
+
+    run: Run | None = None
+
+
+#: The run of the current thread (prefork and solo pools: of the process).
+this_thread = ThisThread()
+
+
 class Runtime:
     """This process's signalling state; use the module's :data:`runtime`."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
         self._board: boards.Board | None = None
         self._board_pid: int | None = None
         self._warned = False
         #: True in prefork pool processes, where reaping subprocesses cannot hit the worker.
         self.is_pool_child = False
-
-    @property
-    def current(self) -> Run | None:
-        """The run executing in this thread, if any."""
-        return getattr(self._local, "run", None)
 
     def board(self) -> boards.Board | None:
         """The node's board, mapped once per process (again after a fork)."""
@@ -138,7 +146,7 @@ class Runtime:
             and signal.getsignal(INTERRUPT_SIGNAL) is not _raise_if_interrupted
         ):
             signal.signal(INTERRUPT_SIGNAL, _raise_if_interrupted)
-        self._local.run = run
+        this_thread.run = run
         if mailbox is not None:
             mailbox.report(
                 pid=os.getpid(),
@@ -161,7 +169,7 @@ class Runtime:
             run.mailbox.report(run_state=boards.ENDED, stop_outcome=stop_outcome)
             if stop_outcome:
                 run.mailbox.wake_node()
-        self._local.run = None
+        this_thread.run = None
 
     def take_signals(self, run: Run) -> None:
         """Move signals the node posted and the run has not seen yet into its inbox."""
@@ -192,11 +200,6 @@ class Runtime:
                 self._run_handler(task, run, payload)
         if run.cancel is not None:  # a cancel keeps raising until it is honoured
             raise TaskCancelled(run.task_id, Outcome.COOPERATIVE, run.cancel.get("message", ""))
-
-    def report_progress(self, run: Run, current: float, total: float | None, message: str):
-        """Write ``run``'s progress into its mailbox (the node records it)."""
-        if run.mailbox is not None:
-            run.mailbox.report(progress=(current, total, message))
 
     def _pause(self, task, run: Run, payload: dict) -> None:
         run.mailbox.ack(payload["id"], Outcome.PAUSED)
@@ -245,7 +248,7 @@ class Runtime:
     def note_connection(self, backend_pid: int) -> None:
         """Report the database backend a run's new connection talks to (the node cancels its
         query if it has to kill the run)."""
-        run = self.current
+        run = this_thread.run
         if run is not None and run.mailbox is not None:
             run.mailbox.report(backend_pid=backend_pid)
 
@@ -282,7 +285,7 @@ def _has_children() -> bool:
 
 def _raise_if_interrupted(signum, frame) -> None:
     """``SIGUSR2`` handler: raise into the task only if the node asked to interrupt this run."""
-    run = runtime.current
+    run = this_thread.run
     if run is None or run.finished or run.mailbox is None:
         return
     requested = run.mailbox.interrupts()
@@ -312,5 +315,5 @@ def _on_worker_process_init(**kwargs) -> None:
 
 
 def _on_connection_created(sender, connection, **kwargs) -> None:
-    if runtime.current is not None and connection.vendor == "postgresql":
+    if this_thread.run is not None and connection.vendor == "postgresql":
         runtime.note_connection(connection.connection.info.backend_pid)

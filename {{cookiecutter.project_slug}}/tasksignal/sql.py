@@ -55,22 +55,38 @@ def insert_signal() -> str:
 
 
 @functools.cache
-def signals_at_receipt() -> str:
-    """What a worker must know about a task it is about to run: pending signals, and any
-    cancel (pending or completed: a message delivered again after its cancel was honoured).
+def admit_task() -> str:
+    """What a worker must know of a task it is about to run, and its skip if it is cancelled.
 
-    Parameter: task_id. Rows: ``id, signal, message, completed, age`` (seconds since the
-    signal was created, on the database clock).
+    Returns the task's pending signals and any cancel (pending, or completed: a message
+    delivered again after its cancel was honoured), as rows ``id, signal, message,
+    completed, age`` (seconds since the signal was created, on the database clock); in the
+    same statement a pending cancel is completed ``skipped``. The task id is the ``{task_id}``
+    placeholder, replaced by the id quoted as a literal (``psycopg.sql.quote``): the
+    statement shares one round trip with the node's ``LISTEN``, which takes no parameters.
     """
     from tasksignal.models import CeleryTaskSignal
+    from tasksignal.states import Outcome
 
     n = _names(CeleryTaskSignal)
+    task = "{task_id}"
     return f"""
-        SELECT {n["id"]}, {n["signal"]}, {n["message"]}, {n["completed"]},
-            EXTRACT(EPOCH FROM statement_timestamp() - {n["created"]})::float8
-        FROM {n["table"]}
-        WHERE {n["task_id"]} = %s AND (NOT {n["completed"]} OR {n["signal"]} = '{CANCEL_TASK}')
-        ORDER BY {n["id"]}
+        WITH found AS (
+            SELECT {n["id"]}, {n["signal"]}, {n["message"]}, {n["completed"]},
+                EXTRACT(EPOCH FROM statement_timestamp() - {n["created"]})::float8 AS age
+            FROM {n["table"]}
+            WHERE {n["task_id"]} = {task}
+                AND (NOT {n["completed"]} OR {n["signal"]} = '{CANCEL_TASK}')
+        ), skipped AS (
+            UPDATE {n["table"]} SET {n["completed"]} = true, {n["outcome"]} = '{Outcome.SKIPPED}',
+                {n["completed_at"]} = statement_timestamp(),
+                {n["acknowledged_at"]} = COALESCE({n["acknowledged_at"]}, statement_timestamp()),
+                {n["modified"]} = statement_timestamp()
+            WHERE {n["task_id"]} = {task} AND {n["signal"]} = '{CANCEL_TASK}'
+                AND NOT {n["completed"]}
+            RETURNING {n["id"]}
+        )
+        SELECT * FROM found ORDER BY 1
     """  # noqa: S608
 
 
@@ -94,13 +110,14 @@ def pending_signals_of() -> str:
 
 def _complete(by: str) -> str:
     """An UPDATE completing pending signals; ``by`` picks the rows: ``id`` (a list of ids),
-    ``task`` (one task's pending cancel) or ``tasks`` (everything pending for a list)."""
+    ``cancels`` (the pending cancels of a list of tasks) or ``tasks`` (everything pending for
+    a list of tasks)."""
     from tasksignal.models import CeleryTaskSignal
 
     n = _names(CeleryTaskSignal)
     where = {
         "id": f"{n['id']} = ANY(%s)",
-        "task": f"{n['task_id']} = %s AND {n['signal']} = '{CANCEL_TASK}'",
+        "cancels": f"{n['task_id']} = ANY(%s) AND {n['signal']} = '{CANCEL_TASK}'",
         "tasks": f"{n['task_id']} = ANY(%s)",
     }[by]
     return f"""
@@ -120,15 +137,77 @@ def complete_signals() -> str:
 
 
 @functools.cache
-def complete_cancel_of() -> str:
-    """Complete a task's pending cancel. Parameters: outcome, error, task_id."""
-    return _complete("task")
-
-
-@functools.cache
 def complete_pending_of() -> str:
     """Complete every pending signal of a set of tasks (they ended: ``too_late``).
 
     Parameters: outcome, error, list of task ids.
     """
     return _complete("tasks")
+
+
+def _run_names() -> dict[str, str]:
+    from tasksignal.models import TaskRun
+
+    return _names(TaskRun)
+
+
+#: The columns a worker node writes into run records, with their PostgreSQL types.
+RUN_COLUMNS = {
+    "task_id": "text",
+    "task_name": "text",
+    "state": "text",
+    "worker": "text",
+    "pid": "integer",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "progress_current": "float8",
+    "progress_total": "float8",
+    "progress_message": "text",
+    "error": "text",
+}
+
+
+def _unnest_runs() -> str:
+    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in RUN_COLUMNS.items())
+    return f"unnest({arrays}) AS r({', '.join(RUN_COLUMNS)})"
+
+
+@functools.cache
+def insert_runs() -> str:
+    """Create the run records that do not exist yet (one statement for a whole batch).
+
+    Parameters: one list per column of :data:`RUN_COLUMNS` (NULL: not known yet), by name.
+    """
+    n = _run_names()
+    columns = ", ".join(n[name] for name in RUN_COLUMNS)
+    return f"""
+        INSERT INTO {n["table"]} ({columns}, {n["updated_at"]})
+        SELECT r.task_id, r.task_name, COALESCE(r.state, 'running'), r.worker, r.pid,
+            r.started_at, r.finished_at, r.progress_current, r.progress_total,
+            COALESCE(r.progress_message, ''), COALESCE(r.error, ''), statement_timestamp()
+        FROM {_unnest_runs()}
+        ON CONFLICT ({n["task_id"]}) DO NOTHING
+    """  # noqa: S608
+
+
+@functools.cache
+def update_runs() -> str:
+    """Write what changed in a batch of run records; NULL leaves a column as it is.
+
+    Parameters: as :func:`insert_runs`.
+    """
+    n = _run_names()
+    sets = ", ".join(
+        f"{n[name]} = COALESCE(r.{name}, t.{n[name]})" for name in RUN_COLUMNS if name != "task_id"
+    )
+    return f"""
+        UPDATE {n["table"]} AS t SET {sets}, {n["updated_at"]} = statement_timestamp()
+        FROM {_unnest_runs()}
+        WHERE t.{n["task_id"]} = r.task_id
+    """  # noqa: S608
+
+
+@functools.cache
+def complete_cancels_of() -> str:
+    """Complete the pending cancels of a list of tasks. Parameters: outcome, error, task ids."""
+    return _complete("cancels")
