@@ -9,12 +9,13 @@ import sys
 import time
 import traceback
 
-from benchmarks import cancel_latency, checkpoint, common, throughput
+from benchmarks import cancel_latency, checkpoint, common, node_cost, throughput
 
 #: Every benchmark, in the order they run.
 BENCHMARKS = {
     checkpoint.NAME: checkpoint,
     throughput.NAME: throughput,
+    node_cost.NAME: node_cost,
     cancel_latency.NAME: cancel_latency,
 }
 

@@ -96,7 +96,7 @@ class SignalAwareTask(DjangoTask):
         """Report progress; the worker node records it in the run's ``TaskRun``."""
         run = this_thread.run
         if run is not None and run.mailbox is not None:
-            run.mailbox.report_progress(current, total, message)
+            runtime.report_progress(run, current, total, message)
 
     def add_cleanup(self, callback, *args, **kwargs):
         """Run ``callback(*args, **kwargs)`` if this run is cancelled (last added, first run).

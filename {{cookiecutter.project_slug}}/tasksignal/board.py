@@ -94,6 +94,11 @@ _PROGRESS_PACK = PROGRESS.pack_into
 _NAN = math.nan
 IDENT_FIELDS = ("pid", "thread_ident", "run_state", "backend_pid", "started", "stop_outcome")
 
+#: Seconds between two looks of the node at its runs' mailboxes (for their start and
+#: progress: a run wakes the node for anything else). Writing progress more often than
+#: this would only be overwritten unread.
+POLL_INTERVAL = 0.25
+
 #: How long a reader spins on a half that its writer is busy with, at most.
 TORN_READ_RETRIES = 1000
 
@@ -439,7 +444,7 @@ class Mailbox:
             SEQ.pack_into(self._map, at, seq + 2)
 
     def wake_node(self) -> None:
-        """Tell the node's thread to look at this mailbox now (a run ended)."""
+        """Tell the node's thread to look at this mailbox now (the run acked or ended)."""
         if self.board.wake_fd >= 0:
             # On failure the node still polls its mailboxes, only a little later.
             with contextlib.suppress(OSError):
@@ -465,6 +470,7 @@ class Mailbox:
         self.view[slot + ACK.size : slot + ACK.size + len(text)] = text
         with self._writing():
             ACKS_WRITTEN.pack_into(self._map, self._base + ACKS_WRITTEN_AT, report.acks_written + 1)
+        self.wake_node()
 
 
 def _read_run(view: memoryview, file_map: mmap.mmap, base: int) -> RunReport:

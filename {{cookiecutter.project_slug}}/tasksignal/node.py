@@ -70,18 +70,20 @@ from tasksignal.states import RECORDED_HEADER, Outcome, RunState
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two writes of run records.
-RECORD_FLUSH_INTERVAL = 0.25
-#: Seconds between two looks at the mailboxes of the node's runs (start, progress, acks).
-MAILBOX_POLL_INTERVAL = 0.05
+#: Seconds between two writes of run records (one statement each).
+RECORD_FLUSH_INTERVAL = 0.5
 #: Seconds between two looks of the main thread at ended runs and kills to do.
-MAIN_TICK = 0.05
+MAIN_TICK = 0.1
 #: Seconds before trying again a kill that could not be done yet (the run not started).
 KILL_RETRY = 0.1
 #: Seconds to wait before reconnecting to PostgreSQL after an error.
 RECONNECT_DELAY = 0.5
-#: Seconds between two refreshes of what ``celery inspect tasksignal`` answers.
+#: Seconds between two refreshes of what ``celery inspect tasksignal`` answers (at most:
+#: an idle node is not woken for it).
 SNAPSHOT_INTERVAL = 0.5
+#: How early periodic work (mailbox polls, reconcile, records) is done when the node's
+#: thread is awake for something else: fewer wake-ups, each of which costs cold CPU.
+EARLY = 0.1
 #: Seconds between two batches of ``UNLISTEN`` for the tasks that ended.
 UNLISTEN_INTERVAL = 1.0
 #: Mailboxes per task the pool can hold at once (the board's load factor).
@@ -238,9 +240,11 @@ class Node:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, WAKE_FOR_EVENTS)
 
-    def _push(self, *event) -> None:
+    def _push(self, *event, urgent: bool = True) -> None:
+        """Hand an event to the node's thread; wake it only if ``urgent`` (others wait for
+        its next wake-up: each costs the thread a few hundred microseconds of cold CPU)."""
         self._events.put(event)
-        if self._sleeping:
+        if urgent and self._sleeping:
             self._wake()
 
     def _ask(self, kind: str, task_id: str, *details):
@@ -315,10 +319,14 @@ class Node:
             if request.time_start is not None and not observed.started:
                 observed.started = True
                 started = request.time_start
-                self._push("observed", task_id, request.name, request.worker_pid, started, None)
+                self._push(
+                    "observed", task_id, request.name, request.worker_pid, started, None,
+                    urgent=False,
+                )  # fmt: skip
             if request not in reserved:
                 del self._observed[task_id]
-                self._push("observed", task_id, request.name, None, None, request.task.backend)
+                backend = request.task.backend
+                self._push("observed", task_id, request.name, None, None, backend, urgent=False)
         while self._kills:
             self._kill(self._kills.popleft())
 
@@ -328,7 +336,7 @@ class Node:
             return
         if admission.index is not None:
             self.board.free(admission.index, task_id)
-        self._push("ended", task_id, admission.request.name, state, error)
+        self._push("ended", task_id, admission.request.name, state, error, urgent=False)
 
     def _kill(self, task_id: str) -> None:
         admission = self._admitted.get(task_id)
@@ -352,7 +360,7 @@ class Node:
         self._end(task_id, RunState.CANCELLED)
         if run is not None and run.backend_pid:
             # The killed process's query would otherwise run on until it finished.
-            self._push("terminate_backend", task_id, run.backend_pid)
+            self._push("terminate_backend", task_id, run.backend_pid, urgent=False)
 
     # -- the node's thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -386,8 +394,10 @@ class Node:
             return
         if self._maybe_notified:
             self._take_notifications()
-        if now >= self._next["poll"]:
-            self._next["poll"] = now + MAILBOX_POLL_INTERVAL
+        # Periodic work due soon is done now, while the thread is awake anyway.
+        soon = now + EARLY
+        if soon >= self._next["poll"]:
+            self._next["poll"] = now + boards.POLL_INTERVAL
             self._poll_mailboxes(list(self._tracked.values()))
         elif self._woken:
             woken, self._woken = self._woken, set()
@@ -396,12 +406,12 @@ class Node:
         if self._to_unlisten and now >= self._next["unlisten"]:
             self._next["unlisten"] = now + UNLISTEN_INTERVAL
             self._execute("; ".join(self._unlisten_statements()))
-        if self._tracked and now >= self._next["reconcile"]:
+        if self._tracked and soon >= self._next["reconcile"]:
             self._next["reconcile"] = now + self.reconcile_interval
             self._deliver_rows(self._execute(sql.pending_signals_of(), [list(self._tracked)]))
         if self._completions:
             self._write_completions()
-        if now >= self._next["flush"] and (self._records or self._ended):
+        if soon >= self._next["flush"] and (self._records or self._ended):
             self._next["flush"] = now + RECORD_FLUSH_INTERVAL
             self._flush_records()
         if self._maybe_notified:
@@ -411,7 +421,7 @@ class Node:
             self._take_snapshot()
 
     def _next_wakeup(self, now: float) -> float:
-        deadlines = [self._next["snapshot"]]
+        deadlines = [now + 3600.0]
         if self._db is None:
             deadlines.append(self._reconnect_at)
         if self._tracked:
@@ -755,9 +765,7 @@ class Node:
         records, self._records = self._records, {}
         ended, self._ended = self._ended, []
         try:
-            write_records(self._execute, records)
-            if ended:
-                self._execute(sql.complete_pending_of(), [Outcome.TOO_LATE, "", ended])
+            self._execute(sql.write_runs(), records_parameters(records, ended))
         except DATABASE_ERRORS:
             for task_id, values in records.items():
                 self._records[task_id] = {**values, **self._records.get(task_id, {})}
@@ -765,29 +773,30 @@ class Node:
             raise
 
 
-def write_records(execute, records: dict[str, dict]) -> None:
-    """Write ``records`` (``{task_id: fields}``) as ``TaskRun`` rows in two statements run by
-    ``execute(statement, params)``.
+def records_parameters(records: dict[str, dict], ended: list[str]) -> dict[str, list]:
+    """The parameters of ``sql.write_runs()`` for ``records`` (``{task_id: fields}``) and the
+    task ids of the runs that ended.
 
     A run that started and succeeded since the last write was never visible as running:
-    inserting a row for it is the expensive part of recording (a row and its index entries
+    creating a row for it is the expensive part of recording (a row and its index entries
     per task), so it only updates a row that exists (such as the ``queued`` row the API
-    creates). Every other record is created if missing, then updated.
+    creates). Every other record is created if missing.
+
+    >>> params = records_parameters({"a": {"state": "running"}}, ["b"])
+    >>> params["task_id"], params["new_task_id"], params["state"], params["ended"]
+    (['a'], ['a'], ['running'], ['b'])
     """
-    if not records:
-        return
-    columns = {name: [] for name in sql.RUN_COLUMNS}
-    new = {name: [] for name in sql.RUN_COLUMNS}
+    parameters: dict[str, list] = {"ended": ended}
+    for name in sql.RUN_COLUMNS:
+        parameters[name], parameters[f"new_{name}"] = [], []
     for task_id, values in records.items():
         row = {"task_id": task_id, **values}
         brief = "started_at" in values and values.get("state") == RunState.SUCCEEDED
         for name in sql.RUN_COLUMNS:
-            columns[name].append(row.get(name))
+            parameters[name].append(row.get(name))
             if not brief:
-                new[name].append(row.get(name))
-    if new["task_id"]:
-        execute(sql.insert_runs(), new)
-    execute(sql.update_runs(), columns)
+                parameters[f"new_{name}"].append(row.get(name))
+    return parameters
 
 
 def _posted(payload: dict) -> dict:

@@ -66,6 +66,8 @@ class Run:
         "interrupted",
         "interrupts_seen",
         "mailbox",
+        "progress",
+        "progress_due",
         "seen",
         "state",
         "task_id",
@@ -89,6 +91,8 @@ class Run:
         self.finished = False
         self.cleanups: list = []
         self.state: dict = {}
+        self.progress: tuple | None = None  # reported, not yet written to the mailbox
+        self.progress_due = 0.0
 
     @property
     def attention(self) -> bool:
@@ -166,10 +170,23 @@ class Runtime:
         """
         run.finished = True
         if run.mailbox is not None:
+            if run.progress is not None:
+                run.mailbox.report_progress(*run.progress)
             run.mailbox.report(run_state=boards.ENDED, stop_outcome=stop_outcome)
             if stop_outcome:
                 run.mailbox.wake_node()
         this_thread.run = None
+
+    @staticmethod
+    def report_progress(run: Run, current: float, total: float | None, message: str) -> None:
+        """Note ``run``'s progress; write it to the mailbox at most every ``POLL_INTERVAL``
+        (the node would not read it sooner), and at the end of the run."""
+        now = time.monotonic()
+        if now < run.progress_due:
+            run.progress = (current, total, message)
+            return
+        run.progress, run.progress_due = None, now + boards.POLL_INTERVAL
+        run.mailbox.report_progress(current, total, message)
 
     def take_signals(self, run: Run) -> None:
         """Move signals the node posted and the run has not seen yet into its inbox."""
@@ -202,8 +219,8 @@ class Runtime:
             raise TaskCancelled(run.task_id, Outcome.COOPERATIVE, run.cancel.get("message", ""))
 
     def _pause(self, task, run: Run, payload: dict) -> None:
-        run.mailbox.ack(payload["id"], Outcome.PAUSED)
         run.mailbox.report(run_state=boards.PAUSED)
+        run.mailbox.ack(payload["id"], Outcome.PAUSED)
         try:
             while True:
                 while not run.attention:
@@ -224,6 +241,7 @@ class Runtime:
                         self._run_handler(task, run, waiting)
         finally:
             run.mailbox.report(run_state=boards.RUNNING)
+            run.mailbox.wake_node()
 
     def _run_handler(self, task, run: Run, payload: dict) -> None:
         from tasksignal.models import CeleryTaskSignal

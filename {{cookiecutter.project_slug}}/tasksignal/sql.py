@@ -109,16 +109,14 @@ def pending_signals_of() -> str:
 
 
 def _complete(by: str) -> str:
-    """An UPDATE completing pending signals; ``by`` picks the rows: ``id`` (a list of ids),
-    ``cancels`` (the pending cancels of a list of tasks) or ``tasks`` (everything pending for
-    a list of tasks)."""
+    """An UPDATE completing pending signals; ``by`` picks the rows: ``id`` (a list of ids) or
+    ``cancels`` (the pending cancels of a list of tasks)."""
     from tasksignal.models import CeleryTaskSignal
 
     n = _names(CeleryTaskSignal)
     where = {
         "id": f"{n['id']} = ANY(%s)",
         "cancels": f"{n['task_id']} = ANY(%s) AND {n['signal']} = '{CANCEL_TASK}'",
-        "tasks": f"{n['task_id']} = ANY(%s)",
     }[by]
     return f"""
         UPDATE {n["table"]} SET {n["completed"]} = true, {n["outcome"]} = %s,
@@ -134,15 +132,6 @@ def _complete(by: str) -> str:
 def complete_signals() -> str:
     """Complete pending signals by id. Parameters: outcome, error, list of ids."""
     return _complete("id")
-
-
-@functools.cache
-def complete_pending_of() -> str:
-    """Complete every pending signal of a set of tasks (they ended: ``too_late``).
-
-    Parameters: outcome, error, list of task ids.
-    """
-    return _complete("tasks")
 
 
 def _run_names() -> dict[str, str]:
@@ -167,40 +156,46 @@ RUN_COLUMNS = {
 }
 
 
-def _unnest_runs() -> str:
-    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in RUN_COLUMNS.items())
+def _unnest_runs(prefix: str = "") -> str:
+    arrays = ", ".join(f"%({prefix}{name})s::{kind}[]" for name, kind in RUN_COLUMNS.items())
     return f"unnest({arrays}) AS r({', '.join(RUN_COLUMNS)})"
 
 
 @functools.cache
-def insert_runs() -> str:
-    """Create the run records that do not exist yet (one statement for a whole batch).
+def write_runs() -> str:
+    """A worker node's batch of writes, in one statement: settle the signals of the runs that
+    ended (``too_late``), create the run records that do not exist yet, update the others.
 
-    Parameters: one list per column of :data:`RUN_COLUMNS` (NULL: not known yet), by name.
+    Parameters, by name: ``ended`` (task ids); one list per column of :data:`RUN_COLUMNS`
+    for every record (NULL: leave the column as it is), and the same prefixed ``new_`` for
+    the records to create if missing. The final UPDATE does not see the rows the INSERT
+    adds (one snapshot), which already hold their values.
     """
-    n = _run_names()
+    from tasksignal.models import CeleryTaskSignal
+    from tasksignal.states import Outcome
+
+    n, s = _run_names(), _names(CeleryTaskSignal)
     columns = ", ".join(n[name] for name in RUN_COLUMNS)
-    return f"""
-        INSERT INTO {n["table"]} ({columns}, {n["updated_at"]})
-        SELECT r.task_id, r.task_name, COALESCE(r.state, 'running'), r.worker, r.pid,
-            r.started_at, r.finished_at, r.progress_current, r.progress_total,
-            COALESCE(r.progress_message, ''), COALESCE(r.error, ''), statement_timestamp()
-        FROM {_unnest_runs()}
-        ON CONFLICT ({n["task_id"]}) DO NOTHING
-    """  # noqa: S608
-
-
-@functools.cache
-def update_runs() -> str:
-    """Write what changed in a batch of run records; NULL leaves a column as it is.
-
-    Parameters: as :func:`insert_runs`.
-    """
-    n = _run_names()
     sets = ", ".join(
         f"{n[name]} = COALESCE(r.{name}, t.{n[name]})" for name in RUN_COLUMNS if name != "task_id"
     )
     return f"""
+        WITH settled AS (
+            UPDATE {s["table"]} SET {s["completed"]} = true, {s["outcome"]} = '{Outcome.TOO_LATE}',
+                {s["completed_at"]} = statement_timestamp(),
+                {s["acknowledged_at"]} = COALESCE({s["acknowledged_at"]}, statement_timestamp()),
+                {s["modified"]} = statement_timestamp()
+            WHERE {s["task_id"]} = ANY(%(ended)s::text[]) AND NOT {s["completed"]}
+            RETURNING {s["id"]}
+        ), created AS (
+            INSERT INTO {n["table"]} ({columns}, {n["updated_at"]})
+            SELECT r.task_id, r.task_name, COALESCE(r.state, 'running'), r.worker, r.pid,
+                r.started_at, r.finished_at, r.progress_current, r.progress_total,
+                COALESCE(r.progress_message, ''), COALESCE(r.error, ''), statement_timestamp()
+            FROM {_unnest_runs("new_")}
+            ON CONFLICT ({n["task_id"]}) DO NOTHING
+            RETURNING {n["task_id"]}
+        )
         UPDATE {n["table"]} AS t SET {sets}, {n["updated_at"]} = statement_timestamp()
         FROM {_unnest_runs()}
         WHERE t.{n["task_id"]} = r.task_id
