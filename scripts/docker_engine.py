@@ -428,8 +428,9 @@ class Engine:
         try:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
-            return
-        if not _alive(pid):
+            pid = 0
+        if not pid or not _alive(pid):
+            self._unmount_leftovers()  # no dockerd of ours runs: whatever is mounted is stale
             return
         say("stopping dockerd")
         os.kill(pid, signal.SIGTERM)
@@ -440,7 +441,18 @@ class Engine:
             say(f"dockerd did not stop within {timeout:.0f} s; killing it")
             with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+            time.sleep(1)
+        self._unmount_leftovers()
         self.started_here = False
+
+    def _unmount_leftovers(self) -> None:
+        """Unmount what dockerd leaves mounted: ``netns/default``; overlays if it was killed."""
+        roots = (str(self.run_dir), str(self.data_root))
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        points = [line.split()[1].encode().decode("unicode_escape") for line in mounts]
+        for point in sorted((p for p in points if p.startswith(roots)), reverse=True):
+            with suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
     # --- images -----------------------------------------------------------------------------
 
