@@ -443,6 +443,7 @@ class Engine:
                 os.killpg(pid, signal.SIGKILL)
             time.sleep(1)
         self._unmount_leftovers()
+        _remove_iptables_leftovers()
         self.started_here = False
 
     def _unmount_leftovers(self) -> None:
@@ -546,6 +547,39 @@ class Engine:
                 context,
                 timeout=1800,
             )  # fmt: skip
+
+
+#: The iptables rules and chains dockerd adds and leaves behind when it stops.
+IPTABLES_LEFTOVERS: Final = (
+    ("filter", ["-D", "FORWARD", "-j", "DOCKER-USER"]),
+    ("filter", ["-D", "FORWARD", "-j", "DOCKER-ISOLATION-STAGE-1"]),
+    ("nat", ["-D", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DOCKER"]),
+    ("nat", ["-D", "OUTPUT", "!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL",
+             "-j", "DOCKER"]),
+    ("filter", ["-F", "DOCKER-USER"]), ("filter", ["-X", "DOCKER-USER"]),
+    ("filter", ["-F", "DOCKER-ISOLATION-STAGE-1"]), ("filter", ["-X", "DOCKER-ISOLATION-STAGE-1"]),
+    ("filter", ["-F", "DOCKER-ISOLATION-STAGE-2"]), ("filter", ["-X", "DOCKER-ISOLATION-STAGE-2"]),
+    ("filter", ["-F", "DOCKER"]), ("filter", ["-X", "DOCKER"]),
+    ("nat", ["-F", "DOCKER"]), ("nat", ["-X", "DOCKER"]),
+)  # fmt: skip
+
+
+def _remove_iptables_leftovers() -> None:
+    """Remove dockerd's chains, unless another dockerd (not ours) runs and still uses them."""
+    if not shutil.which("iptables", path=_sbin_path()):
+        return
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with suppress(OSError, ValueError):
+            if comm.read_text().strip() == "dockerd" and _alive(int(comm.parent.name)):
+                return
+    for table, rule in IPTABLES_LEFTOVERS:
+        with suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["iptables", "-w", "-t", table, *rule],
+                capture_output=True,
+                check=False,
+                env={**os.environ, "PATH": _sbin_path()},
+            )
 
 
 def _which(program: str) -> str | None:

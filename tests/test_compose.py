@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -217,7 +218,9 @@ def _make_superuser_and_token(stack: Stack) -> None:
         "--name", "compose test",
     )  # fmt: skip
     assert token.returncode == 0, f"create_api_token failed:\n{token.stdout}"
-    stack.token = token.stdout.split()[-1] if token.stdout.split() else ""
+    # The token alone on its line (stdout); the advice around it goes to stderr.
+    printed = [line.strip() for line in token.stdout.splitlines() if line.strip()]
+    stack.token = next((line for line in printed if re.fullmatch(r"tsk_\S+", line)), "")
     assert stack.token.startswith("tsk_"), f"create_api_token printed no token:\n{token.stdout}"
 
 
