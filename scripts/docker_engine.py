@@ -279,10 +279,12 @@ class Engine:
             still = [program for program in ENGINE_PROGRAMS if not _which(program)]
             if still:
                 raise EngineError(f"after installing docker.io these are still missing: {still}")
+        # The CLI that came with the engine speaks its API version; another one may not.
+        cli = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else _which("docker")
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         link = self.bin_dir / "docker"
-        cli = _which("docker")
-        if cli and not link.exists():
+        if cli and (not link.is_symlink() or str(link.readlink()) != cli):
+            link.unlink(missing_ok=True)
             link.symlink_to(cli)
         self._install_plugins()
 
