@@ -1,11 +1,16 @@
 # The template's own tasks. `make test` is what CI runs (.ci/run).
 #   make test        service check, then every template test (bakes, hooks, end-to-end)
 #   make test-fast   the same without the end-to-end tests (no project installs, ~1 min)
+#   make test-compose  only the compose test: the default bake's stack on a real Docker engine
+#   make docker-engine install the engine and plugins, build the base images, stop (warms caches)
+#   make docker-engine-clean  remove the engine's cache and data root (images, volumes)
 #   make demo        bake the default project, run web + worker natively, send it a task
 #   make lint        ruff on the hooks, tests and scripts
 #   make clean       remove .venv, .demo and caches
 # Variables: PYTHON (interpreter for .venv), PYTEST_ARGS (extra pytest arguments),
-# DATABASE_URL and REDIS_URL (servers to test against; defaults in scripts/baked.py).
+# DATABASE_URL and REDIS_URL (servers to test against; defaults in scripts/baked.py),
+# TASKSIGNAL_DOCKER_HOST (use that engine, e.g. unix:///var/run/docker.sock, not our own),
+# TASKSIGNAL_DOCKER_CACHE (where our engine keeps its data; ~/.cache/tasksignal-template/docker).
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,10 +22,11 @@ PYTEST_ARGS ?=
 BASETEMP := $(CURDIR)/.pytest-tmp
 PYTEST := $(BIN)/python -m pytest --basetemp=$(BASETEMP)
 
-.PHONY: help test test-fast lint format demo services clean
+.PHONY: help test test-fast test-compose docker-engine docker-engine-clean lint format demo \
+	services clean
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
 
 $(STAMP): tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +42,16 @@ test: services
 
 test-fast: $(STAMP)
 	$(PYTEST) tests/ -m 'not e2e' $(PYTEST_ARGS)
+
+test-compose: services
+	$(PYTEST) tests/test_compose.py $(PYTEST_ARGS)
+
+docker-engine: $(STAMP)
+	$(BIN)/python scripts/docker_engine.py prepare
+
+docker-engine-clean: $(STAMP)
+	$(BIN)/python scripts/docker_engine.py stop
+	rm -rf "$${TASKSIGNAL_DOCKER_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/tasksignal-template/docker}"
 
 lint: $(STAMP)
 	$(BIN)/ruff check hooks tests scripts

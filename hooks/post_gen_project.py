@@ -11,7 +11,9 @@ What it does, in order:
 2. Makes every script in ``bin/`` executable.
 3. Writes ``.env`` from ``.env.example`` (when the project has one) with a fresh
    ``DJANGO_SECRET_KEY`` and ``POSTGRES_PASSWORD`` from :mod:`secrets`; URLs in the file that
-   carried the example password get the new one, so the file stays consistent.
+   carried the example password get the new one, so the file stays consistent. Empty
+   ``LOADTEST_UID`` / ``LOADTEST_GID`` lines get the baking user's uid and gid: compose runs
+   its load-test container as them, so the reports it writes through a bind mount are theirs.
 4. Prints the next steps.
 
 It uses only the standard library and never touches the network.
@@ -42,7 +44,9 @@ class Removal(NamedTuple):
 #: What each disabled option takes away. Paths are relative to the project root; a path with
 #: ``*`` is a glob pattern. Procfile lines are the Procfile template's business, not this table's.
 REMOVALS: Final = (
-    Removal("use_docker", "n", ("Dockerfile", "compose.yaml", ".dockerignore")),
+    Removal(
+        "use_docker", "n", ("Dockerfile", "compose.yaml", ".dockerignore", "bin/compose-check")
+    ),
     Removal("use_flower", "n", ("bin/flower",)),
     Removal("use_celery_beat", "n", ("bin/beat",)),
     Removal("ci_tool", "none", (".github",)),
@@ -58,6 +62,8 @@ ENV_EXAMPLE: Final = ".env.example"
 ENV_FILE: Final = ".env"
 SECRET_KEY_VARIABLE: Final = "DJANGO_SECRET_KEY"  # noqa: S105 - a variable name
 DATABASE_PASSWORD_VARIABLE: Final = "POSTGRES_PASSWORD"  # noqa: S105 - a variable name
+#: Variables filled with the baking user's ids when the example leaves them empty.
+OWNER_VARIABLES: Final = ("LOADTEST_UID", "LOADTEST_GID")
 #: ``token_urlsafe(50)`` gives 67 characters of [A-Za-z0-9_-]: well past Django's deploy check
 #: (50 characters, 5 distinct) and safe unquoted in a dotenv file and in a URL.
 SECRET_KEY_BYTES: Final = 50
@@ -136,11 +142,18 @@ def _with_password(url: str, old: str, new: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{username}:{new}@{hostinfo}"))
 
 
-def render_env(example: str, *, secret_key: str, database_password: str) -> str:
+def render_env(
+    example: str,
+    *,
+    secret_key: str,
+    database_password: str,
+    defaults: Mapping[str, str] | None = None,
+) -> str:
     r"""Return the text of ``.env``: ``example`` with the two secrets filled in.
 
     Lines, comments and order stay as they are; only the values of ``DJANGO_SECRET_KEY`` and
-    ``POSTGRES_PASSWORD`` change, plus any URL whose password was the example password.
+    ``POSTGRES_PASSWORD`` change, plus any URL whose password was the example password, and
+    variables the example leaves empty that ``defaults`` has a value for.
 
     >>> print(render_env(
     ...     "# local settings\n"
@@ -162,9 +175,25 @@ def render_env(example: str, *, secret_key: str, database_password: str) -> str:
         if match and match["key"] == DATABASE_PASSWORD_VARIABLE:
             old_password = _strip_quotes(line[match.end() :].strip())
     new_values = {SECRET_KEY_VARIABLE: secret_key, DATABASE_PASSWORD_VARIABLE: database_password}
+    for line in lines:
+        match = ASSIGNMENT.match(line)
+        if match and match["key"] in (defaults or {}) and not line[match.end() :].strip():
+            new_values.setdefault(match["key"], (defaults or {})[match["key"]])
     return "".join(
         _render_line(line, new_values, old_password, database_password) for line in lines
     )
+
+
+def owner_ids() -> dict[str, str]:
+    """The baking user's uid and gid for :data:`OWNER_VARIABLES` (none where ids do not exist).
+
+    >>> ids = owner_ids()
+    >>> sorted(ids) == sorted(OWNER_VARIABLES) or ids == {}
+    True
+    """
+    if not hasattr(os, "getuid"):
+        return {}
+    return dict(zip(OWNER_VARIABLES, (str(os.getuid()), str(os.getgid())), strict=True))
 
 
 def _render_line(
@@ -207,6 +236,7 @@ def write_env_file(root: Path) -> Path | None:
         example.read_text(encoding="utf-8"),
         secret_key=secrets.token_urlsafe(SECRET_KEY_BYTES),
         database_password=secrets.token_urlsafe(DATABASE_PASSWORD_BYTES),
+        defaults=owner_ids(),
     )
     descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as env_file:
@@ -226,7 +256,7 @@ def next_steps(answers: Mapping[str, str]) -> str:
     ]
     if answers.get("use_docker") == "y":
         lines += [
-            "  docker compose up --build        # web, worker, PostgreSQL and Redis",
+            "  docker compose up --build --wait # web, worker, PostgreSQL and Redis",
         ]
     lines += [
         "  # or natively, with PostgreSQL and Redis running locally:",

@@ -325,6 +325,65 @@ def test_dockerfile_uses_the_chosen_python_version(docker_baked: Bake) -> None:
     assert f"python:{version}" in text, f"Dockerfile does not build from a python:{version} image"
 
 
+def _compose_services(baked: Bake) -> dict:
+    import yaml  # noqa: PLC0415 - PyYAML comes with cookiecutter
+
+    compose = yaml.safe_load((baked.project / "compose.yaml").read_text(encoding="utf-8"))
+    return compose["services"]
+
+
+def test_compose_builds_each_image_once_and_never_pulls_it(docker_baked: Bake) -> None:
+    services = _compose_services(docker_baked)
+    builders: dict[str, list[str]] = {}
+    for name, service in services.items():
+        if "build" in service:
+            builders.setdefault(service["image"], []).append(name)
+    twice = {image: names for image, names in builders.items() if len(names) > 1}
+    assert not twice, f"images built by more than one service (built once per service): {twice}"
+    pulled = [
+        f"{name} (pull_policy {service.get('pull_policy')!r})"
+        for name, service in services.items()
+        if service.get("image") in builders
+        and service.get("pull_policy") != ("build" if "build" in service else "never")
+    ]
+    assert not pulled, (
+        f"services that would look for the project's own image in a registry: {pulled}"
+    )
+
+
+def test_compose_never_disables_a_health_check(docker_baked: Bake) -> None:
+    # `healthcheck: disable: true` makes `docker compose up --wait` fail (docker/compose#13522).
+    disabled = [
+        name
+        for name, service in _compose_services(docker_baked).items()
+        if (service.get("healthcheck") or {}).get("disable")
+    ]
+    assert not disabled, f"services with a disabled health check: {disabled}"
+
+
+def test_compose_publishes_ports_on_loopback_by_default(docker_baked: Bake) -> None:
+    exposed = [
+        f"{name}: {port}"
+        for name, service in _compose_services(docker_baked).items()
+        for port in service.get("ports", [])
+        if not str(port).startswith(("127.0.0.1:", "${WEB_PUBLISH_ADDRESS:-127.0.0.1}:"))
+    ]
+    assert not exposed, f"ports published on every interface by default: {exposed}"
+
+
+def test_dockerfile_needs_no_frontend_image_from_a_registry(docker_baked: Bake) -> None:
+    # A `# syntax=` parser directive makes BuildKit pull a frontend image before each build.
+    text = (docker_baked.project / "Dockerfile").read_text(encoding="utf-8")
+    directives = []
+    for line in text.splitlines():
+        if not re.match(r"#\s*\w+\s*=", line):
+            break
+        directives.append(line)
+    assert not any("syntax" in line.lower() for line in directives), (
+        f"the Dockerfile asks for a frontend image: {directives}"
+    )
+
+
 def test_github_workflows_match_the_workflow_schema(github_baked: Bake) -> None:
     workflows = sorted((github_baked.project / ".github" / "workflows").glob("*.y*ml"))
     assert workflows, "ci_tool=github but .github/workflows/ has no workflow"

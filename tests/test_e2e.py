@@ -21,9 +21,12 @@ as in a container or on a platform, where ``.env`` is never deployed.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -368,3 +371,103 @@ def test_worker_runs_a_demo_task_sent_from_the_shell(stack: Stack) -> None:
     exit_code = result.returncode
     assert exit_code == 0, f"sending demo.tasks.add failed:\n{_output(result)}"
     assert "result: 5" in result.stdout, f"add(2, 3) did not come back as 5:\n{_output(result)}"
+
+
+# --- make dev -------------------------------------------------------------------------------
+
+#: A task that outlives honcho's own patience: it SIGKILLs what is left 5 s after Ctrl-C.
+DEV_TASK_SECONDS = 8
+
+
+@contextmanager
+def _dotenv_overrides(project: Path, values: Mapping[str, str]) -> Iterator[None]:
+    """Append ``values`` to the project's .env for the block (honcho lets .env win over env)."""
+    dotenv = project / ".env"
+    original = dotenv.read_text(encoding="utf-8")
+    lines = "".join(f"{key}={value}\n" for key, value in values.items())
+    dotenv.write_text(f"{original}\n# test overrides\n{lines}", encoding="utf-8")
+    try:
+        yield
+    finally:
+        dotenv.write_text(original, encoding="utf-8")
+
+
+def _processes_of(namespace: str) -> list[str]:
+    """Processes whose environment names this test's Celery queue (left-over workers)."""
+    import psutil  # noqa: PLC0415 - only this test needs it
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.environ().get("CELERY_TASK_DEFAULT_QUEUE") == namespace:
+                found.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])}")
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_ctrl_c_on_make_dev_lets_a_running_task_finish(
+    installed: Installed, database: str, namespace: str, tmp_path: Path
+) -> None:
+    if installed.answers["include_demo_tasks"] != "y":
+        pytest.skip("this variant has no demo tasks")
+    port = free_port()
+    values = isolation_values(database=database, namespace=namespace) | {
+        "PORT": str(port),
+        "CELERY_BEAT_SCHEDULE_FILE": str(tmp_path / "celerybeat-schedule"),
+    }
+    env = project_env(installed.bin_dir, **values)
+    log_path = tmp_path / "make-dev.log"
+    with _dotenv_overrides(installed.path, values), log_path.open("w") as log:
+        make = subprocess.Popen(
+            ["make", "dev"],
+            cwd=installed.path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: the test's Ctrl-C reaches only make dev
+        )
+        service = Service("make dev", "make dev", make, log_path)
+        try:
+            wait_for_log(service, WORKER_READY, timeout=120)
+            wait_for_http(f"http://127.0.0.1:{port}/healthz", service, timeout=60)
+            sent = run(
+                [
+                    installed.python, "manage.py", "shell", "-c",
+                    "from demo.tasks import cooperative_job;"
+                    f" print('id:', cooperative_job.delay(steps={DEV_TASK_SECONDS * 10},"
+                    " step_seconds=0.1).id)",
+                ],
+                cwd=installed.path,
+                env=env,
+                timeout=90,
+            )  # fmt: skip
+            assert sent.returncode == 0, f"sending the task failed:\n{_output(sent)}"
+            task_id = sent.stdout.split("id:")[-1].split()[0]
+            wait_for_log(service, rf"cooperative_job\[{task_id}\] received", timeout=30)
+            time.sleep(1)
+            os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+            make.wait(timeout=DEV_TASK_SECONDS + 60)
+        finally:
+            service.kill_group()
+    outcome = run(
+        [
+            installed.python, "manage.py", "shell", "-c",
+            "from celery.result import AsyncResult; from config.celery import app;"
+            f" r = AsyncResult('{task_id}', app=app); print('state:', r.state, r.result)",
+        ],
+        cwd=installed.path,
+        env=env,
+        timeout=90,
+    )  # fmt: skip
+    log_text = log_path.read_text(encoding="utf-8", errors="replace")
+    tail = "\n".join(log_text.splitlines()[-40:])
+    assert "WorkerLostError" not in log_text, f"Ctrl-C killed the running task:\n{tail}"
+    assert "state: SUCCESS" in outcome.stdout, (
+        f"the task running at Ctrl-C did not finish:\n{_output(outcome)}\nmake dev log:\n{tail}"
+    )
+    deadline = time.monotonic() + 15
+    while (left := _processes_of(namespace)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left after make dev ended: {left}"

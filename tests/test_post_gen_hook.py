@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import os
 import re
 import stat
 from pathlib import Path
@@ -53,6 +54,7 @@ def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None
         "Dockerfile",
         "compose.yaml",
         ".dockerignore",
+        "bin/compose-check",
         "bin/flower",
         "bin/beat",
         ".github",
@@ -139,6 +141,41 @@ def test_env_keeps_every_other_line_as_it_was(post_gen: ModuleType) -> None:
     assert len(lines) == len(EXAMPLE_ENV.splitlines()), "lines were added or dropped"
     for line in unchanged:
         assert line in lines, f"{line!r} did not survive"
+
+
+def test_env_empty_owner_ids_get_the_defaults(post_gen: ModuleType) -> None:
+    example = "LOADTEST_UID=\nLOADTEST_GID=\nOTHER=\n"
+    rendered = _env(
+        post_gen.render_env(
+            example,
+            secret_key="k" * 60,
+            database_password="pw",
+            defaults={"LOADTEST_UID": "1234", "LOADTEST_GID": "5678"},
+        )
+    )
+    assert rendered == {"LOADTEST_UID": "1234", "LOADTEST_GID": "5678", "OTHER": ""}
+
+
+def test_env_owner_ids_already_set_are_kept(post_gen: ModuleType) -> None:
+    rendered = _env(
+        post_gen.render_env(
+            "LOADTEST_UID=42\n",
+            secret_key="k" * 60,
+            database_password="pw",
+            defaults={"LOADTEST_UID": "1234"},
+        )
+    )
+    assert rendered["LOADTEST_UID"] == "42", "an explicit uid in the example was overwritten"
+
+
+def test_env_file_names_the_baking_user_as_load_test_owner(
+    post_gen: ModuleType, tmp_path: Path
+) -> None:
+    (tmp_path / ".env.example").write_text("LOADTEST_UID=\nLOADTEST_GID=\n", encoding="utf-8")
+    values = _env(post_gen.write_env_file(tmp_path).read_text(encoding="utf-8"))
+    assert values == {"LOADTEST_UID": str(os.getuid()), "LOADTEST_GID": str(os.getgid())}, (
+        "the compose load test would not run as the user who owns loadtest/reports"
+    )
 
 
 def test_env_file_is_private_and_has_fresh_secrets(post_gen: ModuleType, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ KILL_MARGIN_MS = 200.0
 #: Seconds a revoke trial waits for the task to stop before giving up on it.
 STOP_TIMEOUT = 3.0
 #: Worker log lines that the benchmark causes on purpose (not problems).
-EXPECTED_LOG = ("tasksignal.supervisor: killed pid",)
+EXPECTED_LOG = ("tasksignal.node: killed pid",)
 #: Seconds between two reads of a signal row while waiting for its completion.
 ROW_POLL_INTERVAL = 0.002
 

@@ -117,7 +117,7 @@ def worker_log_problems(path: Path, expected: Sequence[str] = (), examples: int 
     A benchmark whose worker logged problems (say, PostgreSQL refusing connections because
     the machine is busy) has figures that describe the problem, not the code: the count
     goes into the JSON so that nobody mistakes one for the other. Lines containing one of
-    ``expected`` (say, the supervisor's warning for a kill the benchmark asked for) are not
+    ``expected`` (say, the node's warning for a kill the benchmark asked for) are not
     counted.
     """
     counts = {"WARNING": 0, "ERROR": 0, "CRITICAL": 0}

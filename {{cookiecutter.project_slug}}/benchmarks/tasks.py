@@ -19,7 +19,7 @@ from tasksignal.runtime import this_thread
 
 #: ``cancel_grace`` of the cancel-latency tasks: the interrupt comes this long after a cancel.
 CANCEL_GRACE = 0.2
-#: ``kill_after`` of the cancel-latency tasks: the supervisor kills this long after a cancel.
+#: ``kill_after`` of the cancel-latency tasks: the node kills this long after a cancel.
 KILL_AFTER = 1.0
 #: Sleep between two checkpoints of the cooperative task.
 COOPERATIVE_STEP = 0.001

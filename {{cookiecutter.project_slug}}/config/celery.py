@@ -4,9 +4,16 @@ Workers start with ``celery -A config worker`` (see ``bin/worker``).
 """
 
 import os
+from pathlib import Path
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import (
+    after_task_publish,
+    beat_init,
+    heartbeat_sent,
+    task_postrun,
+    task_prerun,
+)
 
 from tasksignal.node import NodeStep
 
@@ -32,3 +39,27 @@ def close_old_connections(**kwargs) -> None:
     from django.db import close_old_connections as close
 
     close()
+
+
+# Liveness for container health checks (compose.yaml). With CELERY_HEARTBEAT_FILE set, the
+# worker's main process touches that file at each event heartbeat (every 2 s while its consumer
+# runs and reaches the broker), and beat touches it when it starts and each time it has sent a
+# periodic task. A probe then only compares the file's age with a limit: no second process
+# importing the project every few seconds.
+HEARTBEAT_FILE = os.environ.get("CELERY_HEARTBEAT_FILE", "")
+
+
+def touch_heartbeat(**_kwargs) -> None:
+    """Mark this process alive for its container's health check."""
+    Path(HEARTBEAT_FILE).touch()
+
+
+def beat_heartbeat(**_kwargs) -> None:
+    """In beat: mark it alive now and after every message it publishes."""
+    touch_heartbeat()
+    after_task_publish.connect(touch_heartbeat, weak=False)
+
+
+if HEARTBEAT_FILE:
+    heartbeat_sent.connect(touch_heartbeat, weak=False)
+    beat_init.connect(beat_heartbeat, weak=False)

@@ -30,7 +30,8 @@ The escalation ladder for a cancel (defaults in ``tasksignal/conf.py``):
    raised in the task's thread wherever it is (``time.sleep``, socket I/O, Python loops).
 4. **Killed**: still running ``kill_after`` seconds after the cancel (C code holding the
    GIL, or a bare ``except:`` swallowing the interrupt); the worker's main process kills
-   that child process only after proving it still runs this task (``supervisor.py``).
+   that process only after proving, while it is frozen, that it still runs this task
+   (``kill.py``).
 
 Whatever the step, the run ends in Celery state ``REVOKED`` and its signal row is
 completed exactly once with the step as ``outcome``. On steps 2 and 3 cleanup runs in the
