@@ -1,10 +1,15 @@
-"""``/healthz``: answers 200 when PostgreSQL and Redis answer, else 503 with the reason."""
+"""``/healthz``: answers 200 when PostgreSQL and Redis answer, else 503 with the reason.
+
+Its 200 also says how many API clients of the answering process wait for a stop (``wait``).
+"""
 
 import redis
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET
+
+from tasksignal.waiting import hub
 
 
 def _check_database() -> str | None:
@@ -30,8 +35,9 @@ def _check_redis() -> str | None:
 
 @require_GET
 def healthz(request):
-    """Report whether this instance can reach its database and its broker."""
+    """Report whether this instance can reach its database and its broker, and how many
+    API clients of this process wait for a stop."""
     problems = [p for p in (_check_database(), _check_redis()) if p]
     if problems:
         return JsonResponse({"status": "unavailable", "problems": problems}, status=503)
-    return JsonResponse({"status": "ok"})
+    return JsonResponse({"status": "ok", "waiting": hub.waiting()})

@@ -1,33 +1,55 @@
-"""The JSON API: start tasks, send them signals, read what became of them.
+"""The JSON API: start tasks, send them signals, see them stop, read what became of them.
 
-Plain Django views: each request costs Django's middleware, one token lookup, and the
-queries of the operation itself, nothing more (see ``docs/api.md`` for why no framework).
-:func:`endpoint` gives every view the same behaviour: a 405 for undocumented methods,
-authentication and the model permission, a CSRF check for session-authenticated writes,
-and JSON errors, including 503 when PostgreSQL or Redis is away. The document describing
-all this is ``openapi.py``; the tests hold the two together.
+Built with django-ninja: the endpoints below declare their parameters and answers with
+pydantic schemas, ninja validates requests with them and generates the OpenAPI document
+(``/api/openapi.json``) from them. What the API answers differs from ninja's defaults in a
+few deliberate ways, all set up here: every error is ``{"error": "..."}`` (400, not 422,
+for a request of the wrong shape; 401 with a ``WWW-Authenticate: Bearer`` challenge; 503
+when PostgreSQL or Redis is away; JSON 404 and 405 for every path under ``/api/``).
+
+Seeing a stop without polling: ``POST /api/tasks/<id>/cancel/?wait=10`` answers once the
+cancel is completed (with its outcome and latency) or after 10 seconds, whichever comes
+first; ``GET /api/tasks/<id>/?wait=10`` once the task has finished. A waiting request
+holds no database connection and costs no CPU while it waits (``waiting.py``).
+
+Hot paths are written-once SQL (``sql.py``): a cancel costs one query to learn what the
+database knows of the task and one to write (and announce) the signal; a status read one
+query, plus a result-backend read only when the database does not know how the run ended
+or the run succeeded (its result lives there). Tokens are cached per process (``auth.py``).
 """
+
+from __future__ import annotations
 
 import functools
 import json
 import logging
+import time
 import uuid
+from datetime import datetime
+from typing import Annotated, Any
 
 import kombu.exceptions
 import redis
 from celery import current_app, states
 from celery.exceptions import BackendError
-from django.core.exceptions import BadRequest, RequestDataTooBig, SuspiciousOperation
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.urls import reverse
-from django.views.decorators.csrf import csrf_exempt
+from ninja import NinjaAPI, Query, Schema
+from ninja.errors import HttpError, ValidationError
+from ninja.parser import Parser
+from ninja.security.base import AuthBase
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints
 
-from tasksignal import conf, openapi
+from tasksignal import conf, sql, waiting
 from tasksignal.auth import AuthenticationFailed, authenticate, csrf_failure
+from tasksignal.exceptions import UnknownSignal
 from tasksignal.models import CeleryTaskSignal, TaskRun
-from tasksignal.states import RECORDED_HEADER
+from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK, get_signal_kind
+from tasksignal.states import RECORDED_HEADER, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +59,19 @@ READ_PERMISSION = "tasksignal.view_taskrun"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 #: Longest task id accepted, the width of the ``task_id`` columns.
 MAX_TASK_ID_LENGTH = 255
+#: Most runs one page of ``GET /api/tasks/`` lists.
+MAX_PAGE = 500
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 REDIS_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, BackendError)
 DATABASE_UNAVAILABLE = "the database (PostgreSQL) is unavailable; retry later"
 REDIS_UNAVAILABLE = "Redis (the broker or the result backend) is unavailable; retry later"
+#: Celery's state of a run whose end the database knows.
+RUN_TO_CELERY_STATE = {
+    RunState.SUCCEEDED: states.SUCCESS,
+    RunState.FAILED: states.FAILURE,
+    RunState.CANCELLED: states.REVOKED,
+}
 
 
 class ApiError(Exception):
@@ -53,99 +83,104 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def response(self) -> JsonResponse:
-        """The JSON response for this error."""
-        return error_response(self.status, self.message, self.headers)
+
+class Encoder(DjangoJSONEncoder):
+    """Django's JSON, but times to the microsecond (the database clock's resolution)."""
+
+    def default(self, o):
+        """Datetimes as full ISO 8601; everything else as Django encodes it."""
+        if isinstance(o, datetime):
+            return o.isoformat()
+        return super().default(o)
+
+
+def json_response(data: dict, status: int = 200, headers: dict[str, str] | None = None):
+    """A JSON answer, encoded with :class:`Encoder`."""
+    return JsonResponse(data, status=status, headers=headers, encoder=Encoder)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None):
     """``{"error": message}`` with ``status`` and ``headers``."""
-    return JsonResponse({"error": message}, status=status, headers=headers)
+    return json_response({"error": message}, status, headers)
 
 
-def endpoint(*methods: str, permission: str | None):
-    """Make a view an API endpoint answering ``methods``; ``permission=None`` means public.
-
-    The view is called as ``view(request, user, **url_kwargs)``, with ``user`` ``None``
-    for public views. The order of checks is method (405), credentials (401), CSRF for
-    session writes and permission (403), then the view's own (400, 404, 413); database
-    and Redis failures anywhere become 503.
-    """
-    allowed = ", ".join(methods)
-
-    def decorate(view):
-        @functools.wraps(view)
-        def wrapper(request, **kwargs):
-            if request.method not in methods:
-                return error_response(
-                    405,
-                    f"method {request.method} not allowed; allowed: {allowed}",
-                    {"Allow": allowed},
-                )
-            try:
-                user = None
-                if permission is not None:
-                    user = _authorize(request, permission)
-                return view(request, user, **kwargs)
-            except ApiError as exc:
-                return exc.response()
-            except AuthenticationFailed as exc:
-                return error_response(401, exc.message, {"WWW-Authenticate": exc.challenge})
-            except BadRequest as exc:
-                return error_response(400, str(exc))
-            except DATABASE_ERRORS as exc:
-                logger.warning("API request failed, database unavailable: %s", exc)
-                return error_response(503, DATABASE_UNAVAILABLE)
-            except REDIS_ERRORS as exc:
-                logger.warning("API request failed, Redis unavailable: %s", exc)
-                return error_response(503, REDIS_UNAVAILABLE)
-
-        wrapper.api_methods = methods
-        wrapper.api_permission = permission
-        # Token requests need no CSRF token; session requests are checked in _authorize().
-        return csrf_exempt(wrapper)
-
-    return decorate
+# -- request bodies -------------------------------------------------------------------------
+def _storable(value: str) -> str:
+    """Text PostgreSQL can store: UTF-8 (no lone surrogates), no NUL character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be UTF-8 text") from None
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
 
 
-def _authorize(request, permission: str):
-    caller = authenticate(request)
-    if not caller.by_token and request.method not in SAFE_METHODS:
-        reason = csrf_failure(request)
-        if reason is not None:
-            raise ApiError(403, f"CSRF check failed: {reason}")
-    if not caller.user.has_perm(permission):
-        raise ApiError(403, f"permission {permission} required")
-    return caller.user
+#: Text fields: the document says "no NUL" (a pattern) so that clients and fuzzers know it.
+Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$"), AfterValidator(_storable)]
 
 
-# -- request parsing ------------------------------------------------------------------------
+class Body(Schema):
+    """A request body: a JSON object with exactly the documented fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StartIn(Body):
+    """``POST /api/tasks/``: which task to start, and its keyword arguments."""
+
+    task: Text = Field(description="One of the task names in TASKSIGNAL_STARTABLE_TASKS.")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageIn(Body):
+    """The optional body of cancel, pause and resume."""
+
+    message: Text = Field("", description="Text for the task to read.")
+
+
+class SignalIn(Body):
+    """``POST /api/tasks/<id>/signals/``: any built-in or registered signal kind."""
+
+    signal: Text = Field(description="cancel_task, pause_task, resume_task or a registered kind")
+    message: Text = ""
+
+
+class JsonBodyParser(Parser):
+    """JSON bodies, strictly: an object, no NaN or Infinity; an empty body, ``null`` or an
+    empty form (what some clients send for "no body") is ``{}``. Query parameters, strictly:
+    each at most once."""
+
+    def parse_body(self, request: HttpRequest) -> dict:
+        """Parse the body; a ``ValueError`` says what is wrong with it."""
+        raw = request.body
+        if not raw.strip() or _empty_form(request):
+            return {}
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"request body is not valid JSON: {exc}") from None
+        if data is None:  # JSON null: no body, as the document allows for optional ones
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError("request body must be a JSON object")
+        return data
+
+    def parse_querydict(self, data, list_fields, request: HttpRequest) -> dict:
+        """Query parameters, each given once (ninja would silently keep the last one)."""
+        repeated = sorted(
+            key for key in data if key not in list_fields and len(data.getlist(key)) > 1
+        )
+        if repeated:
+            raise ApiError(400, f"query parameter(s) given more than once: {', '.join(repeated)}")
+        return super().parse_querydict(data, list_fields, request)
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def json_body(request, *, required: bool) -> dict:
-    """The request body as a JSON object; an empty body is ``{}`` unless ``required``."""
-    try:
-        raw = request.body
-    except RequestDataTooBig:
-        raise ApiError(413, "request body too large") from None
-    if not raw.strip() or _empty_form(request):
-        if required:
-            raise ApiError(400, "request body must be a JSON object")
-        return {}
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
-
-
-def _empty_form(request) -> bool:
-    """True for a form body without fields, which some clients send for "no body"
-    (Django's test client does on ``client.post(url)``)."""
+def _empty_form(request: HttpRequest) -> bool:
     if request.content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return False
     try:
@@ -154,120 +189,299 @@ def _empty_form(request) -> bool:
         return False  # not an empty form; the JSON parser will say what is wrong
 
 
-def _fields(data: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ApiError(
-            400, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}"
-        )
+# -- answers --------------------------------------------------------------------------------
+class ErrorOut(Schema):
+    """Every error answer."""
+
+    error: str
 
 
-def _text(data: dict, name: str, *, required: bool = False) -> str:
-    """The string field ``name``: storable in PostgreSQL (UTF-8, no NUL characters)."""
-    if name not in data:
-        if required:
-            raise ApiError(400, f"field {name!r} is required")
-        return ""
-    value = data[name]
-    if not isinstance(value, str):
-        raise ApiError(400, f"field {name!r} must be a string")
-    if "\x00" in value or not _encodable(value):
-        raise ApiError(400, f"field {name!r} must be UTF-8 text without NUL characters")
-    return value
+class StartOut(Schema):
+    """A task started: its id and its run record's state."""
+
+    id: str
+    task: str
+    state: str
 
 
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+class SignalOut(Schema):
+    """A signal: pending, or completed with its outcome and latency."""
+
+    id: int
+    task_id: str
+    signal: str
+    message: str
+    completed: bool
+    outcome: str | None
+    created: datetime
+    completed_at: datetime | None
+    latency_ms: float | None = Field(description="completed_at - created, database clock")
+    already_pending: bool = Field(
+        description="True when a signal of this kind was pending already: this is that one"
+    )
 
 
-def _plausible_task_id(task_id: str) -> bool:
-    return len(task_id) <= MAX_TASK_ID_LENGTH and "\x00" not in task_id and _encodable(task_id)
+class SignalRecord(Schema):
+    """A signal as a task's status lists it."""
+
+    id: int
+    signal: str
+    message: str
+    completed: bool
+    outcome: str | None
+    error: str | None
+    created: datetime
+    completed_at: datetime | None
 
 
+class TaskOut(Schema):
+    """What became of a task: Celery's state, its run record, its signals."""
+
+    id: str
+    task: str | None
+    state: str = Field(description="Celery's state (PENDING while queued or running)")
+    run_state: str | None = Field(description="the run record's state, if it has one")
+    finished: bool
+    result: Any = Field(description="the return value, once SUCCESS")
+    error: str | None
+    outcome: str | None = Field(description="how the latest cancel was met")
+    progress: float | None
+    progress_message: str | None
+    paused: bool
+    worker: str | None
+    pid: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested_at: datetime | None
+    stopped_at: datetime | None
+    latency_ms: float | None
+    signals: list[SignalRecord]
+
+
+class RunOut(Schema):
+    """A run in a list of runs."""
+
+    id: str
+    task: str
+    run_state: str
+    worker: str
+    pid: int | None
+    progress: float | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunPage(Schema):
+    """One page of runs, newest first; ``next`` is the next page's URL, if any."""
+
+    results: list[RunOut]
+    next: str | None
+
+
+ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 503)}
+WRITE_ERRORS = {**ERRORS, 413: ErrorOut}
+
+
+class Parameters(Schema):
+    """Query parameters: exactly the documented ones (an unknown one is a 400)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class WaitParameters(Parameters):
+    """``?wait=``: how long to wait for the stop (or the end) before answering."""
+
+    wait: float = Field(
+        0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds to wait for the stop (or the end) before answering; 0: answer "
+        "at once. At most TASKSIGNAL_MAX_WAIT.",
+    )
+
+
+class RunFilters(Parameters):
+    """Which runs ``GET /api/tasks/`` lists, and from where."""
+
+    state: Text | None = Field(None, description="a run state")
+    task: Text | None = Field(None, description="a task name")
+    worker: Text | None = Field(None, description="a worker's node name")
+    limit: int = Field(50, ge=1, le=MAX_PAGE)
+    before: int | None = Field(None, description="the cursor of the next page")
+
+
+# -- authentication -------------------------------------------------------------------------
+class TokenOrSession(AuthBase):
+    """Ninja authentication for one permission: a token or a session, then the permission.
+
+    A session request that changes something must pass Django's CSRF check. The OpenAPI
+    document names the scheme after this class and describes it as a bearer token.
+    """
+
+    openapi_type = "http"
+    openapi_scheme = "bearer"
+    openapi_description = (
+        "An API token (manage.py create_api_token) as 'Authorization: Bearer <token>', or "
+        "the session of a user logged in to this site (with Django's CSRF token to POST)."
+    )
+
+    def __init__(self, permission: str) -> None:
+        super().__init__()
+        self.permission = permission
+
+    def __call__(self, request: HttpRequest):
+        caller = authenticate(request)
+        if not caller.by_token and request.method not in SAFE_METHODS:
+            reason = csrf_failure(request)
+            if reason is not None:
+                raise ApiError(403, f"CSRF check failed: {reason}")
+        if not caller.user.has_perm(self.permission):
+            raise ApiError(403, f"permission {self.permission} required")
+        return caller.user
+
+
+api = NinjaAPI(
+    title="Task signals",
+    version="1",
+    description="Start Celery tasks, cancel, pause and resume them while they run, see them "
+    "stop without polling, and read what became of them.",
+    urls_namespace="tasksignal",
+    docs_url=None,  # Swagger UI loads its assets from a CDN: not every deployment reaches one
+    parser=JsonBodyParser(),
+)
+
+
+@api.exception_handler(ApiError)
+def _api_error(request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+@api.exception_handler(AuthenticationFailed)
+def _unauthenticated(request, exc: AuthenticationFailed):
+    return error_response(401, exc.message, {"WWW-Authenticate": exc.challenge})
+
+
+@api.exception_handler(PermissionDenied)
+def _forbidden(request, exc: PermissionDenied):
+    return error_response(403, str(exc) or "permission denied")
+
+
+@api.exception_handler(ValidationError)
+def _invalid(request, exc: ValidationError):
+    problems = []
+    for error in exc.errors:
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "body"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return error_response(400, "; ".join(problems) or "invalid request")
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc: HttpError):
+    # A body that cannot be parsed: the parser's own message says why.
+    cause = exc.__cause__
+    message = str(cause) if exc.status_code == 400 and isinstance(cause, ValueError) else None
+    return error_response(exc.status_code, message or exc.message)
+
+
+@api.exception_handler(waiting.ClientGone)
+def _client_gone(request, exc: waiting.ClientGone):
+    logger.info("client waiting for %s went away", exc)
+    return error_response(499, "client closed the connection")  # nobody reads it
+
+
+@api.exception_handler(UnknownSignal)
+def _unknown_signal(request, exc: UnknownSignal):
+    return error_response(400, str(exc))
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_big(request, exc: RequestDataTooBig):
+    return error_response(413, "request body too large")
+
+
+@api.exception_handler(OperationalError)
+@api.exception_handler(InterfaceError)
+def _database_down(request, exc: Exception):
+    logger.warning("API request failed, database unavailable: %s", exc)
+    return error_response(503, DATABASE_UNAVAILABLE)
+
+
+@api.exception_handler(redis.RedisError)
+@api.exception_handler(kombu.exceptions.OperationalError)
+@api.exception_handler(BackendError)
+def _redis_down(request, exc: Exception):
+    logger.warning("API request failed, Redis unavailable: %s", exc)
+    return error_response(503, REDIS_UNAVAILABLE)
+
+
+# -- helpers ---------------------------------------------------------------------------------
 def _unknown_task(task_id: str) -> ApiError:
     return ApiError(404, f"no task with id {task_id!r}")
 
 
-def require_known_task(task_id: str) -> None:
-    """Raise a 404 ``ApiError`` unless a run record or a signal exists for ``task_id``."""
-    if not _plausible_task_id(task_id):
+def _check_task_id(task_id: str) -> None:
+    if len(task_id) > MAX_TASK_ID_LENGTH or "\x00" in task_id:
         raise _unknown_task(task_id)
-    with connection.cursor() as cursor:
-        cursor.execute(_known_task_sql(), [task_id, task_id])
-        (known,) = cursor.fetchone()
-    if not known:
-        raise _unknown_task(task_id)
-
-
-@functools.cache
-def _known_task_sql() -> str:
-    # Every signal request runs this: one round trip, and as SQL written once it costs a
-    # fraction of the CPU of two ORM .exists() queries, which are compiled each time.
-    quote = connection.ops.quote_name
-    run, signal = TaskRun._meta, CeleryTaskSignal._meta
-    run_id, signal_id = run.get_field("task_id").column, signal.get_field("task_id").column
-    return (
-        f"SELECT EXISTS (SELECT 1 FROM {quote(run.db_table)} WHERE {quote(run_id)} = %s) "  # noqa: S608
-        f"OR EXISTS (SELECT 1 FROM {quote(signal.db_table)} WHERE {quote(signal_id)} = %s)"
-    )
-
-
-# -- serialisation --------------------------------------------------------------------------
-def _iso(moment) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def signal_json(row: CeleryTaskSignal, *, task_id: bool = True) -> dict:
-    """The API's view of a signal row."""
-    data = {"id": row.pk, "task_id": row.task_id} if task_id else {"id": row.pk}
-    data.update(
-        signal=row.signal,
-        completed=row.completed,
-        outcome=row.outcome or None,
-        created=_iso(row.created),
-        completed_at=_iso(row.completed_at),
-    )
-    return data
-
-
-def _jsonable(value):
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)  # a result backend that pickles can hold anything
-    return value
+        task_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _unknown_task(task_id) from None
 
 
-# -- views ----------------------------------------------------------------------------------
-@endpoint("GET", permission=None)
-def openapi_document(request, user):
-    """``GET /api/openapi.json``: the OpenAPI 3 document; public, it holds no data."""
-    return HttpResponse(openapi.document_bytes(), content_type="application/json")
+def _query(statement: str, params) -> list:
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchall()
 
 
-@endpoint("POST", permission=START_PERMISSION)
-def start_task(request, user):
-    """``POST /api/tasks/``: record a queued run, then queue the task once that commits."""
-    data = json_body(request, required=True)
-    _fields(data, ("task", "kwargs"))
-    name = _text(data, "task", required=True)
-    kwargs = data.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ApiError(400, "field 'kwargs' must be a JSON object")
+def _deadline(wait: float) -> float:
+    return time.monotonic() + min(wait, conf.get("TASKSIGNAL_MAX_WAIT"))
+
+
+def _release_connection() -> None:
+    """Give this thread's database connection back before it waits (to the pool, when
+    ``bin/web`` runs one): a waiting request must hold none."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+# -- endpoints --------------------------------------------------------------------------------
+@api.post(
+    "/tasks/",
+    response={202: StartOut, **WRITE_ERRORS},
+    auth=TokenOrSession(START_PERMISSION),
+    url_name="task-start",
+    summary="Start a task",
+)
+def start_task(request, payload: StartIn):
+    """Record a queued run, then queue the task once that commits (a worker that picks it up
+    at once finds its record). Only the tasks in ``TASKSIGNAL_STARTABLE_TASKS`` may start.
+
+    Permission: ``tasksignal.add_taskrun``."""
     allowed = conf.get("TASKSIGNAL_STARTABLE_TASKS")
-    if name not in allowed:
+    if payload.task not in allowed:
         names = ", ".join(allowed) or "none (set TASKSIGNAL_STARTABLE_TASKS)"
-        raise ApiError(400, f"task {name!r} may not be started through the API; allowed: {names}")
+        raise ApiError(
+            400, f"task {payload.task!r} may not be started through the API; allowed: {names}"
+        )
+    task_id = start_recorded(payload.task, payload.kwargs)
+    location = reverse("tasksignal:task-detail", kwargs={"task_id": task_id})
+    body = {"id": task_id, "task": payload.task, "state": RunState.QUEUED}
+    return json_response(body, 202, {"Location": location})
+
+
+def start_recorded(name: str, kwargs: dict) -> str:
+    """Start task ``name`` with ``kwargs`` with a ``queued`` run record; return its id.
+
+    The record commits first, then the message goes out, marked so that even a task that
+    is not signal-aware has its record kept true by the worker node. Raises ``ApiError``
+    (503) when Redis cannot take the message; the record is then removed.
+    """
     _ping_result_backend()
     task_id = str(uuid.uuid4())
     try:
         with transaction.atomic():
-            TaskRun.objects.create(task_id=task_id, task_name=name, state=TaskRun.State.QUEUED)
-            # After the commit: a worker that picks the task up at once finds its record.
+            TaskRun.objects.create(task_id=task_id, task_name=name, state=RunState.QUEUED)
             transaction.on_commit(
                 lambda: current_app.send_task(
                     name, kwargs=kwargs, task_id=task_id, headers={RECORDED_HEADER: True}
@@ -277,14 +491,9 @@ def start_task(request, user):
         if not _redis_failure(exc):
             raise
         logger.warning("could not queue %s[%s]: %r", name, task_id, exc)
-        TaskRun.objects.filter(task_id=task_id, state=TaskRun.State.QUEUED).delete()
+        TaskRun.objects.filter(task_id=task_id, state=RunState.QUEUED).delete()
         raise ApiError(503, REDIS_UNAVAILABLE) from None
-    location = reverse("tasksignal:task-detail", kwargs={"task_id": task_id})
-    return JsonResponse(
-        {"id": task_id, "task": name, "state": TaskRun.State.QUEUED},
-        status=202,
-        headers={"Location": location},
-    )
+    return task_id
 
 
 def _ping_result_backend() -> None:
@@ -307,106 +516,305 @@ def _redis_failure(exc: BaseException) -> bool:
     )
 
 
-@endpoint("GET", permission=READ_PERMISSION)
-def task_status(request, user, task_id: str):
-    """``GET /api/tasks/<id>/``: Celery state, run record, signals and cancel latency."""
-    if not _plausible_task_id(task_id):
-        raise _unknown_task(task_id)
-    try:
-        run = TaskRun.objects.get(task_id=task_id)
-    except TaskRun.DoesNotExist:
-        run = None
-    signals = list(CeleryTaskSignal.objects.filter(task_id=task_id).order_by("created", "pk"))
-    result = current_app.AsyncResult(task_id)
-    state = result.state  # one read from the result backend; a finished result is cached
-    # A brief run that succeeded leaves no run record (see TaskRun); Celery still knows it.
-    if run is None and not signals and state == states.PENDING:
-        raise _unknown_task(task_id)
-    cancels = [row for row in signals if row.signal == CeleryTaskSignal.CANCEL_TASK]
-    cancel = cancels[-1] if cancels else None
-    latency_ms = None
-    if cancel is not None and cancel.completed_at is not None:
-        latency_ms = round((cancel.completed_at - cancel.created).total_seconds() * 1000, 3)
-    return JsonResponse(
+@api.get(
+    "/tasks/",
+    response={200: RunPage, **ERRORS},
+    auth=TokenOrSession(READ_PERMISSION),
+    url_name="task-list",
+    summary="List runs",
+)
+def list_tasks(request, filters: Query[RunFilters]):
+    """Runs, newest first, filtered by state, task name and worker, a page at a time.
+
+    Permission: ``tasksignal.view_taskrun``."""
+    runs = TaskRun.objects.order_by("-pk")
+    for field, value in (
+        ("state", filters.state),
+        ("task_name", filters.task),
+        ("worker", filters.worker),
+    ):
+        if value is not None:
+            runs = runs.filter(**{field: value})
+    if filters.before is not None:
+        runs = runs.filter(pk__lt=filters.before)
+    page = list(runs[: filters.limit + 1])
+    following = None
+    if len(page) > filters.limit:
+        page = page[: filters.limit]
+        query = request.GET.copy()
+        query["before"] = str(page[-1].pk)
+        following = f"{request.path}?{query.urlencode()}"
+    return json_response(
         {
-            "id": task_id,
-            "task": run.task_name if run else None,
-            "state": state,
-            "run_state": run.state if run else None,
-            "result": _jsonable(result.result) if state == states.SUCCESS else None,
-            "outcome": (cancel.outcome or None) if cancel else None,
-            "progress": run.progress if run else None,
-            "paused": run is not None and run.state == TaskRun.State.PAUSED,
-            "cancel_requested_at": _iso(cancel.created) if cancel else None,
-            "stopped_at": _iso(cancel.completed_at) if cancel else None,
-            "latency_ms": latency_ms,
-            "signals": [signal_json(row, task_id=False) for row in signals],
+            "results": [
+                {
+                    "id": run.task_id,
+                    "task": run.task_name,
+                    "run_state": run.state,
+                    "worker": run.worker,
+                    "pid": run.pid,
+                    "progress": run.progress,
+                    "started_at": run.started_at,
+                    "finished_at": run.finished_at,
+                }
+                for run in page
+            ],
+            "next": following,
         }
     )
 
 
-def _send(user, task_id: str, signal: str, message: str) -> JsonResponse:
-    require_known_task(task_id)
-    row = CeleryTaskSignal.objects.send(task_id, signal, message, requested_by=user)
-    return JsonResponse(signal_json(row), status=202)
+@api.get(
+    "/tasks/{task_id}/",
+    response={200: TaskOut, **ERRORS},
+    auth=TokenOrSession(READ_PERMISSION),
+    url_name="task-detail",
+    summary="Read a task (optionally waiting for it to finish)",
+)
+def task_status(request, task_id: str, query: Query[WaitParameters]):
+    """Celery state, run record, signals and cancel latency; with ``wait``, answered when the
+    task finishes (stopped, succeeded or failed) or when ``wait`` seconds have passed.
+
+    Permission: ``tasksignal.view_taskrun``."""
+    _check_task_id(task_id)
+    if not query.wait:
+        return json_response(read_status(task_id))
+    deadline = _deadline(query.wait)
+    with waiting.hub.watch(task_id) as waiter:
+        while True:
+            status = read_status(task_id)
+            if status["finished"] or time.monotonic() >= deadline:
+                return json_response(status)
+            _release_connection()
+            waiter.wait(
+                lambda notice: notice.get("ended") or notice.get("signal"),
+                deadline,
+                waiting.client_gone(request),
+            )
 
 
-def _send_from_body(request, user, task_id: str, signal: str) -> JsonResponse:
-    data = json_body(request, required=False)
-    _fields(data, ("message",))
-    return _send(user, task_id, signal, _text(data, "message"))
+def read_status(task_id: str) -> dict:
+    """The status document of ``task_id``; raises a 404 ``ApiError`` if nothing knows it."""
+    ((found, name, run_state, worker, pid, started, finished, current, total, message, error,
+      signals),) = _query(sql.task_status(), {"task_id": task_id})  # fmt: skip
+    if isinstance(signals, str):
+        signals = json.loads(signals)
+    for signal in signals:  # PostgreSQL's JSON writes times in its own, shorter, style
+        for key in ("created", "completed_at"):
+            if signal[key] is not None:
+                signal[key] = datetime.fromisoformat(signal[key])
+    state, result = RUN_TO_CELERY_STATE.get(run_state), None
+    if state is None or state == states.SUCCESS:
+        # The database does not know how it ended, or the result lives in the backend.
+        meta = current_app.AsyncResult(task_id)
+        state = meta.state
+        result = _jsonable(meta.result) if state == states.SUCCESS else None
+    # A brief run that succeeded leaves no run record (see TaskRun); Celery still knows it.
+    if not found and not signals and state == states.PENDING:
+        raise _unknown_task(task_id)
+    cancels = [row for row in signals if row["signal"] == CANCEL_TASK]
+    cancel = cancels[-1] if cancels else None
+    return {
+        "id": task_id,
+        "task": name,
+        "state": state,
+        "run_state": run_state,
+        "finished": run_state in RunState.FINISHED or state in states.READY_STATES,
+        "result": result,
+        "error": error or None,
+        "outcome": cancel["outcome"] if cancel else None,
+        "progress": min(1.0, current / total) if current is not None and total else None,
+        "progress_message": message or None,
+        "paused": run_state == RunState.PAUSED,
+        "worker": worker or None,
+        "pid": pid,
+        "started_at": started,
+        "finished_at": finished,
+        "cancel_requested_at": cancel["created"] if cancel else None,
+        "stopped_at": cancel["completed_at"] if cancel else None,
+        "latency_ms": _latency_ms(cancel) if cancel else None,
+        "signals": signals,
+    }
 
 
-@endpoint("POST", permission=SIGNAL_PERMISSION)
-def cancel_task(request, user, task_id: str):
-    """``POST /api/tasks/<id>/cancel/``: send ``cancel_task`` (idempotent while pending)."""
-    return _send_from_body(request, user, task_id, CeleryTaskSignal.CANCEL_TASK)
+def _latency_ms(signal: dict) -> float | None:
+    if signal["completed_at"] is None:
+        return None
+    return round((signal["completed_at"] - signal["created"]).total_seconds() * 1000, 3)
 
 
-@endpoint("POST", permission=SIGNAL_PERMISSION)
-def pause_task(request, user, task_id: str):
-    """``POST /api/tasks/<id>/pause/``: send ``pause_task`` (idempotent while pending)."""
-    return _send_from_body(request, user, task_id, CeleryTaskSignal.PAUSE_TASK)
+def _jsonable(value):
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)  # a result backend that pickles can hold anything
+    return value
 
 
-@endpoint("POST", permission=SIGNAL_PERMISSION)
-def resume_task(request, user, task_id: str):
-    """``POST /api/tasks/<id>/resume/``: send ``resume_task`` (idempotent while pending)."""
-    return _send_from_body(request, user, task_id, CeleryTaskSignal.RESUME_TASK)
+def send(request, task_id: str, kind: str, message: str, wait: float = 0) -> HttpResponse:
+    """Send signal ``kind`` to ``task_id`` for ``request``'s user; with ``wait``, answer once
+    the signal is completed or ``wait`` seconds have passed."""
+    _check_task_id(task_id)
+    get_signal_kind(kind)
+    ((run_state, signalled),) = _query(sql.task_facts(), {"task_id": task_id})
+    if run_state is None and not signalled:
+        raise _unknown_task(task_id)
+    # A task that finished gets nothing: the signal is written completed, too late.
+    too_late = run_state in RunState.FINISHED
+    if not wait or too_late:
+        return _signal_answer(_write_signal(request, task_id, kind, message, too_late))
+    deadline = _deadline(wait)
+    with waiting.hub.watch(task_id) as waiter:  # before the write: its completion wakes us
+        row = _write_signal(request, task_id, kind, message, too_late=False)
+        while not row["completed"] and time.monotonic() < deadline:
+            _release_connection()
+            notice = waiter.wait(
+                lambda n: n.get("id") == row["id"], deadline, waiting.client_gone(request)
+            )
+            if notice is not None:
+                row.update(
+                    completed=True,
+                    outcome=notice["outcome"],
+                    completed_at=notice["completed_at"],
+                    latency_ms=float(notice["latency_ms"]),
+                )
+            elif not waiting.hub.listening or time.monotonic() >= deadline:
+                row.update(_reread_signal(row["id"]))
+    return _signal_answer(row)
 
 
-@endpoint("POST", permission=SIGNAL_PERMISSION)
-def signal_task(request, user, task_id: str):
-    """``POST /api/tasks/<id>/signals/``: send any built-in or registered signal kind."""
-    data = json_body(request, required=True)
-    _fields(data, ("signal", "message"))
-    signal = _text(data, "signal", required=True)
-    message = _text(data, "message")
-    return _send(user, task_id, signal, message)  # an UnknownSignal is answered with 400
+def _write_signal(request, task_id: str, kind: str, message: str, too_late: bool) -> dict:
+    row = CeleryTaskSignal.objects.send(
+        task_id, kind, message, requested_by=request.auth, finished=too_late
+    )
+    return {**_signal_row(row), "already_pending": row.already_pending}
 
 
-@endpoint("POST", permission=SIGNAL_PERMISSION)
-def revoke_task(request, user, task_id: str):
-    """``POST /api/tasks/<id>/revoke/``: benchmark baseline, Celery's kill by revoke.
-
-    Enabled only by ``TASKSIGNAL_API_BASELINE_REVOKE``: it stops a task with SIGKILL, with
-    no cleanup and no record of whether it worked, which is what the signals improve on.
-    """
-    if not conf.get("TASKSIGNAL_API_BASELINE_REVOKE"):
-        raise ApiError(
-            404,
-            "the revoke baseline is disabled; it exists for benchmarks only "
-            "(TASKSIGNAL_API_BASELINE_REVOKE=True enables it)",
-        )
-    require_known_task(task_id)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement_timestamp()")
-        (revoked_at,) = cursor.fetchone()
-    current_app.control.revoke(task_id, terminate=True, signal="SIGKILL")
-    return JsonResponse({"id": task_id, "revoked_at": _iso(revoked_at)}, status=202)
+def _reread_signal(signal_id: int) -> dict:
+    return _signal_row(CeleryTaskSignal.objects.get(pk=signal_id))
 
 
-@csrf_exempt
-def not_found(request, path: str = ""):
+def _signal_row(row: CeleryTaskSignal) -> dict:
+    latency = None
+    if row.completed_at is not None:
+        latency = round((row.completed_at - row.created).total_seconds() * 1000, 3)
+    return {
+        "id": row.pk,
+        "task_id": row.task_id,
+        "signal": row.signal,
+        "message": row.message,
+        "completed": row.completed,
+        "outcome": row.outcome or None,
+        "created": row.created,
+        "completed_at": row.completed_at,
+        "latency_ms": latency,
+    }
+
+
+def _signal_answer(row: dict) -> HttpResponse:
+    # 200: done (honoured, or too late); 202: accepted, still to be acted on.
+    return json_response(row, 200 if row["completed"] else 202)
+
+
+SIGNAL_RESPONSES = {200: SignalOut, 202: SignalOut, **WRITE_ERRORS}
+
+
+@api.post(
+    "/tasks/{task_id}/cancel/",
+    response=SIGNAL_RESPONSES,
+    auth=TokenOrSession(SIGNAL_PERMISSION),
+    url_name="task-cancel",
+    summary="Cancel a task (optionally waiting for it to stop)",
+)
+def cancel_task(
+    request, task_id: str, query: Query[WaitParameters], payload: MessageIn | None = None
+):
+    """Send ``cancel_task``: the task stops by the escalation ladder. 202 while the cancel is
+    pending; 200 once it is completed (with ``wait``, as soon as the task stopped; at once,
+    outcome ``too_late``, for a task that had finished).
+
+    Permission: ``tasksignal.add_celerytasksignal``."""
+    return send(request, task_id, CANCEL_TASK, (payload or MessageIn()).message, query.wait)
+
+
+@api.post(
+    "/tasks/{task_id}/pause/",
+    response=SIGNAL_RESPONSES,
+    auth=TokenOrSession(SIGNAL_PERMISSION),
+    url_name="task-pause",
+    summary="Pause a task",
+)
+def pause_task(
+    request, task_id: str, query: Query[WaitParameters], payload: MessageIn | None = None
+):
+    """Send ``pause_task``: the task blocks at its next checkpoint until resumed.
+
+    Permission: ``tasksignal.add_celerytasksignal``."""
+    return send(request, task_id, PAUSE_TASK, (payload or MessageIn()).message, query.wait)
+
+
+@api.post(
+    "/tasks/{task_id}/resume/",
+    response=SIGNAL_RESPONSES,
+    auth=TokenOrSession(SIGNAL_PERMISSION),
+    url_name="task-resume",
+    summary="Resume a paused task",
+)
+def resume_task(
+    request, task_id: str, query: Query[WaitParameters], payload: MessageIn | None = None
+):
+    """Send ``resume_task``: a paused task carries on from its checkpoint.
+
+    Permission: ``tasksignal.add_celerytasksignal``."""
+    return send(request, task_id, RESUME_TASK, (payload or MessageIn()).message, query.wait)
+
+
+@api.post(
+    "/tasks/{task_id}/signals/",
+    response=SIGNAL_RESPONSES,
+    auth=TokenOrSession(SIGNAL_PERMISSION),
+    url_name="task-signal",
+    summary="Send any signal kind",
+)
+def signal_task(request, task_id: str, payload: SignalIn, query: Query[WaitParameters]):
+    """Send a built-in or registered signal kind (400 naming the known kinds otherwise).
+
+    Permission: ``tasksignal.add_celerytasksignal``."""
+    return send(request, task_id, payload.signal, payload.message, query.wait)
+
+
+def not_found(request, path: str = "") -> HttpResponse:
     """Any other path under the API: a JSON 404 (never Django's HTML page or a redirect)."""
     return error_response(404, f"no API endpoint at {request.path!r}")
+
+
+def openapi_document() -> dict:
+    """The OpenAPI document as served (JSON: its status codes are strings)."""
+    return json.loads(json.dumps(api.get_openapi_schema()))
+
+
+def get_only(view):
+    """Wrap a view that must answer GET (and HEAD) only."""
+
+    @functools.wraps(view)
+    def answer(request, *args, **kwargs):
+        if request.method not in ("GET", "HEAD"):
+            return HttpResponseNotAllowed(["GET"])
+        return view(request, *args, **kwargs)
+
+    return answer
+
+
+def json_405(view):
+    """Wrap a ninja view so that a method it does not answer gets a JSON 405 with ``Allow``."""
+
+    @functools.wraps(view)
+    def answer(request, *args, **kwargs):
+        response = view(request, *args, **kwargs)
+        if response.status_code == 405 and "Allow" in response:
+            allowed = ", ".join(sorted(method.strip() for method in response["Allow"].split(",")))
+            message = f"method {request.method} not allowed; allowed: {allowed}"
+            return error_response(405, message, {"Allow": allowed})
+        return response
+
+    return answer

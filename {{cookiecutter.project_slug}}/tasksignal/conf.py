@@ -18,8 +18,11 @@
     Seconds completed signals and finished runs are kept before the sweep deletes them.
 ``TASKSIGNAL_STARTABLE_TASKS``
     Task names the JSON API may start.
-``TASKSIGNAL_API_BASELINE_REVOKE``
-    Benchmark only: enable ``POST /api/tasks/<id>/revoke/`` (Celery's revoke, terminate=True).
+``TASKSIGNAL_TOKEN_CACHE_SECONDS``
+    Seconds a web process remembers the user behind an API token (and its permissions):
+    a revoked token or a deactivated user stops working within that time.
+``TASKSIGNAL_MAX_WAIT``
+    Longest ``wait`` (seconds) an API client may ask for.
 """
 
 from django.conf import settings
@@ -33,7 +36,8 @@ DEFAULTS = {
     "TASKSIGNAL_SIGNAL_EXPIRY": 24 * 3600.0,
     "TASKSIGNAL_RETENTION": 7 * 24 * 3600.0,
     "TASKSIGNAL_STARTABLE_TASKS": (),
-    "TASKSIGNAL_API_BASELINE_REVOKE": False,
+    "TASKSIGNAL_TOKEN_CACHE_SECONDS": 5.0,
+    "TASKSIGNAL_MAX_WAIT": 60.0,
 }
 
 

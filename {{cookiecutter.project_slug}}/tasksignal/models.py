@@ -40,21 +40,31 @@ class CeleryTaskSignalQuerySet(models.QuerySet):
 class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuerySet)):
     """Sends signals: one statement writes the row and announces it to the workers."""
 
-    def send(self, task_id: str, signal: str, message: str = "", requested_by=None):
-        """Ask the task ``task_id`` to act on ``signal``; return the pending signal row.
+    def send(
+        self,
+        task_id: str,
+        signal: str,
+        message: str = "",
+        requested_by=None,
+        *,
+        finished: bool = False,
+    ):
+        """Ask the task ``task_id`` to act on ``signal``; return the signal row.
 
         Sending a signal that is already pending for the task returns the existing row
         (at most one pending signal per task and kind); ``row.already_pending`` says which
-        happened. Raises :class:`~tasksignal.exceptions.UnknownSignal` for an unregistered
-        kind. The worker running the task hears of it when the row commits (inside your own
-        transaction: when that transaction commits).
+        happened. For a task known to have ``finished``, the row is written completed,
+        ``too_late``, and no worker is told. Raises
+        :class:`~tasksignal.exceptions.UnknownSignal` for an unregistered kind. The worker
+        running the task hears of it when the row commits (inside your own transaction:
+        when that transaction commits).
         """
         registry.get_signal_kind(signal)
         # Inserting and then reading back on conflict costs one round trip in the usual
         # case, where get_or_create in a savepoint costs five; a row completed between the
         # two statements makes room for a new one, hence the second attempt.
         for _attempt in range(3):
-            row = self._insert_pending(task_id, signal, message, requested_by)
+            row = self._insert(task_id, signal, message, requested_by, finished)
             if row is not None:
                 return row
             row = self.pending(task_id, signal).first()
@@ -63,20 +73,27 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
                 return row
         raise RuntimeError(f"could not send {signal} to {task_id}: the pending row kept changing")
 
-    def _insert_pending(self, task_id, signal, message, requested_by):
-        """INSERT the pending row unless one exists; return it, or None on conflict."""
+    def _insert(self, task_id, signal, message, requested_by, finished):
+        """INSERT the row unless one is pending; return it, or None on conflict."""
         from tasksignal.notify import signal_channel
 
         requested_by_id = getattr(requested_by, "pk", requested_by)
         with connections[self.db].cursor() as cursor:
             cursor.execute(
                 sql.insert_signal(),
-                [task_id, signal, message, requested_by_id, signal_channel(task_id)],
+                {
+                    "task_id": task_id,
+                    "signal": signal,
+                    "message": message,
+                    "requested_by": requested_by_id,
+                    "channel": signal_channel(task_id),
+                    "too_late": finished,
+                },
             )
             inserted = cursor.fetchone()
         if inserted is None:
             return None
-        row_id, created, modified, _ = inserted
+        row_id, created, modified, completed, completed_at, _ = inserted
         row = self.model(
             id=row_id,
             task_id=task_id,
@@ -85,6 +102,10 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
             requested_by_id=requested_by_id,
             created=created,
             modified=modified,
+            completed=completed,
+            outcome=Outcome.TOO_LATE if completed else "",
+            acknowledged_at=completed_at,
+            completed_at=completed_at,
         )
         row._state.adding = False
         row._state.db = self.db

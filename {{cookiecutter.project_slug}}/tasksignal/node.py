@@ -167,6 +167,7 @@ class Node:
         # Pool processes inherit the environment: this is how they find the board.
         os.environ[BOARD_VARIABLE] = str(self.board.path)
         self.record_runs = conf.get("TASKSIGNAL_RECORD_RUNS")
+        self.done_channel = notify.done_channel()
         self.reconcile_interval = conf.get("TASKSIGNAL_RECONCILE_INTERVAL")
         self.worker = None
         #: How many signal notifications reached this node (each for a task it holds).
@@ -549,6 +550,7 @@ class Node:
         if self._db is None:
             return None  # unchecked: followed, listened to and reconciled on reconnect
         admit = sql.admit_task().replace("{task_id}", psql.quote(task_id, self._db))
+        admit = admit.replace("{done_channel}", psql.quote(self.done_channel, self._db))
         statements = [f"LISTEN {self._channel(task_id)}", *self._unlisten_statements()]
         rows = self._execute("; ".join([*statements, admit]))
         self._listening.add(task_id)
@@ -596,6 +598,7 @@ class Node:
         state = CELERY_TO_RUN_STATE.get(backend.get_state(task_id), RunState.FAILED)
         now = datetime.datetime.now(datetime.UTC)
         self._record(tracked, state=state, finished_at=now)
+        self._ended.append(task_id)
 
     # -- delivery -------------------------------------------------------------------------
     def _take_notifications(self) -> None:
@@ -735,7 +738,8 @@ class Node:
         try:
             for (by, outcome, error), keys in completions.items():
                 statement = sql.complete_signals() if by == "ids" else sql.complete_cancels_of()
-                self._execute(statement, [outcome, error, keys])
+                parameters = {"outcome": outcome, "error": error, "keys": keys}
+                self._execute(statement, {**parameters, "done_channel": self.done_channel})
         except DATABASE_ERRORS:
             for key, keys in completions.items():  # retried after the reconnect
                 self._completions.setdefault(key, []).extend(keys)
@@ -765,7 +769,8 @@ class Node:
         records, self._records = self._records, {}
         ended, self._ended = self._ended, []
         try:
-            self._execute(sql.write_runs(), records_parameters(records, ended))
+            parameters = records_parameters(records, ended)
+            self._execute(sql.write_runs(), {**parameters, "done_channel": self.done_channel})
         except DATABASE_ERRORS:
             for task_id, values in records.items():
                 self._records[task_id] = {**values, **self._records.get(task_id, {})}

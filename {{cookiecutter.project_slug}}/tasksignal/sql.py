@@ -2,10 +2,15 @@
 
 Each runs on every task a worker receives, every signal sent or every API request; as SQL
 it costs a fraction of the CPU of the same query built by the ORM, which compiles it each
-time. Table and column names come from the models, quoted; values are always parameters.
-Every statement here is served by an index whatever the table holds: ``task_id`` is indexed,
+time. Table and column names come from the models, quoted; values are always parameters
+(or, where a statement shares a round trip with a ``LISTEN``, literals quoted by psycopg).
+Every statement is served by an index whatever the table holds: ``task_id`` is indexed,
 and the partial unique index on pending signals serves ``NOT completed``, so a million
 completed rows cost nothing.
+
+Statements that complete signals or end runs also ``pg_notify`` the service's *done*
+channel (``notify.done_channel()``), in the same statement: whoever waits for a stop (the
+API's ``wait``) hears of it exactly when it commits.
 """
 
 import functools
@@ -13,6 +18,7 @@ import functools
 from django.db import connection
 
 from tasksignal.registry import CANCEL_TASK
+from tasksignal.states import Outcome
 
 
 def _names(model) -> dict[str, str]:
@@ -23,35 +29,81 @@ def _names(model) -> dict[str, str]:
     return names
 
 
+def _signal_names() -> dict[str, str]:
+    from tasksignal.models import CeleryTaskSignal
+
+    return _names(CeleryTaskSignal)
+
+
+def _run_names() -> dict[str, str]:
+    from tasksignal.models import TaskRun
+
+    return _names(TaskRun)
+
+
+def _done_notice(rows: str, done_channel: str) -> str:
+    """A SELECT that announces each completed signal of ``rows`` on the done channel."""
+    return f"""
+        SELECT count(pg_notify({done_channel}, json_build_object(
+            'task_id', task_id, 'id', id, 'signal', signal, 'outcome', outcome,
+            'created', created, 'completed_at', completed_at,
+            'latency_ms', round((EXTRACT(EPOCH FROM completed_at - created) * 1000)::numeric, 3)
+        )::text)) FROM {rows}
+    """  # noqa: S608
+
+
+def _completed_columns(n: dict[str, str]) -> str:
+    return (
+        f"{n['id']} AS id, {n['task_id']} AS task_id, {n['signal']} AS signal, "
+        f"{n['outcome']} AS outcome, {n['created']} AS created, "
+        f"{n['completed_at']} AS completed_at"
+    )
+
+
+def _completion(n: dict[str, str], outcome: str, error: str) -> str:
+    return f"""
+        {n["completed"]} = true, {n["outcome"]} = {outcome}, {n["error"]} = {error},
+        {n["completed_at"]} = statement_timestamp(),
+        {n["acknowledged_at"]} = COALESCE({n["acknowledged_at"]}, statement_timestamp()),
+        {n["modified"]} = statement_timestamp()
+    """
+
+
 @functools.cache
 def insert_signal() -> str:
-    """Insert a pending signal unless one of its kind is pending, and announce it.
+    """Insert a signal unless one of its kind is pending, and announce it.
 
-    Parameters: task_id, signal, message, requested_by_id, channel. Returns the new row's
-    ``id, created, modified``, or no row when one was pending. ``pg_notify`` runs in the
-    same statement, so the notice is sent exactly when (and if) the row commits.
+    Parameters by name: ``task_id``, ``signal``, ``message``, ``requested_by``, ``channel``
+    (the task's signal channel) and ``too_late`` (true: the task has finished, so the row
+    is written completed ``too_late`` and nobody is told). Returns the new row's ``id,
+    created, modified, completed, completed_at``, or no row when one was pending.
+    ``pg_notify`` runs in the same statement, so the notice is sent exactly when (and if)
+    the row commits.
     """
-    from tasksignal.models import CeleryTaskSignal
     from tasksignal.notify import MAX_MESSAGE_IN_PAYLOAD
 
-    n = _names(CeleryTaskSignal)
+    n = _signal_names()
     return f"""
         WITH inserted AS (
             INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
                 {n["requested_by"]}, {n["completed"]}, {n["outcome"]}, {n["error"]},
-                {n["created"]}, {n["modified"]})
-            VALUES (%s, %s, %s, %s, false, '', '', statement_timestamp(), statement_timestamp())
+                {n["created"]}, {n["modified"]}, {n["acknowledged_at"]}, {n["completed_at"]})
+            SELECT %(task_id)s, %(signal)s, %(message)s, %(requested_by)s, %(too_late)s,
+                CASE WHEN %(too_late)s THEN '{Outcome.TOO_LATE}' ELSE '' END, '',
+                statement_timestamp(), statement_timestamp(),
+                CASE WHEN %(too_late)s THEN statement_timestamp() END,
+                CASE WHEN %(too_late)s THEN statement_timestamp() END
             ON CONFLICT ({n["task_id"]}, {n["signal"]}) WHERE NOT {n["completed"]} DO NOTHING
             RETURNING {n["id"]}, {n["task_id"]}, {n["signal"]}, {n["message"]},
-                {n["created"]}, {n["modified"]}
+                {n["created"]}, {n["modified"]}, {n["completed"]}, {n["completed_at"]}
         )
-        SELECT {n["id"]}, {n["created"]}, {n["modified"]},
-            pg_notify(%s, json_build_object(
+        SELECT {n["id"]}, {n["created"]}, {n["modified"]}, {n["completed"]}, {n["completed_at"]},
+            CASE WHEN NOT {n["completed"]} THEN pg_notify(%(channel)s, json_build_object(
                 'id', {n["id"]}, 'task_id', {n["task_id"]}, 'signal', {n["signal"]},
                 'message', left({n["message"]}, {MAX_MESSAGE_IN_PAYLOAD}),
-                'truncated', length({n["message"]}) > {MAX_MESSAGE_IN_PAYLOAD})::text)
+                'truncated', length({n["message"]}) > {MAX_MESSAGE_IN_PAYLOAD})::text) END
         FROM inserted
-    """  # noqa: S608 - quoted names from the model, values are parameters
+    """  # noqa: S608
 
 
 @functools.cache
@@ -61,14 +113,12 @@ def admit_task() -> str:
     Returns the task's pending signals and any cancel (pending, or completed: a message
     delivered again after its cancel was honoured), as rows ``id, signal, message,
     completed, age`` (seconds since the signal was created, on the database clock); in the
-    same statement a pending cancel is completed ``skipped``. The task id is the ``{task_id}``
-    placeholder, replaced by the id quoted as a literal (``psycopg.sql.quote``): the
-    statement shares one round trip with the node's ``LISTEN``, which takes no parameters.
+    same statement a pending cancel is completed ``skipped`` and announced as done. The
+    ``{task_id}`` and ``{done_channel}`` placeholders are replaced by literals quoted by
+    ``psycopg.sql.quote``: the statement shares one round trip with the node's ``LISTEN``,
+    which takes no parameters.
     """
-    from tasksignal.models import CeleryTaskSignal
-    from tasksignal.states import Outcome
-
-    n = _names(CeleryTaskSignal)
+    n = _signal_names()
     task = "{task_id}"
     return f"""
         WITH found AS (
@@ -78,15 +128,12 @@ def admit_task() -> str:
             WHERE {n["task_id"]} = {task}
                 AND (NOT {n["completed"]} OR {n["signal"]} = '{CANCEL_TASK}')
         ), skipped AS (
-            UPDATE {n["table"]} SET {n["completed"]} = true, {n["outcome"]} = '{Outcome.SKIPPED}',
-                {n["completed_at"]} = statement_timestamp(),
-                {n["acknowledged_at"]} = COALESCE({n["acknowledged_at"]}, statement_timestamp()),
-                {n["modified"]} = statement_timestamp()
+            UPDATE {n["table"]} SET {_completion(n, f"'{Outcome.SKIPPED}'", "''")}
             WHERE {n["task_id"]} = {task} AND {n["signal"]} = '{CANCEL_TASK}'
                 AND NOT {n["completed"]}
-            RETURNING {n["id"]}
-        )
-        SELECT * FROM found ORDER BY 1
+            RETURNING {_completed_columns(n)}
+        ), told AS ({_done_notice("skipped", "{done_channel}")})
+        SELECT found.* FROM found, told ORDER BY 1
     """  # noqa: S608
 
 
@@ -96,9 +143,7 @@ def pending_signals_of() -> str:
 
     Parameter: a list of task ids. Rows: ``id, task_id, signal, message, age``.
     """
-    from tasksignal.models import CeleryTaskSignal
-
-    n = _names(CeleryTaskSignal)
+    n = _signal_names()
     return f"""
         SELECT {n["id"]}, {n["task_id"]}, {n["signal"]}, {n["message"]},
             EXTRACT(EPOCH FROM statement_timestamp() - {n["created"]})::float8
@@ -109,35 +154,36 @@ def pending_signals_of() -> str:
 
 
 def _complete(by: str) -> str:
-    """An UPDATE completing pending signals; ``by`` picks the rows: ``id`` (a list of ids) or
-    ``cancels`` (the pending cancels of a list of tasks)."""
-    from tasksignal.models import CeleryTaskSignal
+    """Complete pending signals and announce them; ``by`` picks the rows: ``id`` (a list of
+    ids) or ``cancels`` (the pending cancels of a list of tasks).
 
-    n = _names(CeleryTaskSignal)
+    Parameters by name: ``outcome``, ``error``, ``keys`` (the list), ``done_channel``.
+    """
+    n = _signal_names()
     where = {
-        "id": f"{n['id']} = ANY(%s)",
-        "cancels": f"{n['task_id']} = ANY(%s) AND {n['signal']} = '{CANCEL_TASK}'",
+        "id": f"{n['id']} = ANY(%(keys)s)",
+        "cancels": f"{n['task_id']} = ANY(%(keys)s) AND {n['signal']} = '{CANCEL_TASK}'",
     }[by]
     return f"""
-        UPDATE {n["table"]} SET {n["completed"]} = true, {n["outcome"]} = %s,
-            {n["error"]} = %s, {n["completed_at"]} = statement_timestamp(),
-            {n["acknowledged_at"]} = COALESCE({n["acknowledged_at"]}, statement_timestamp()),
-            {n["modified"]} = statement_timestamp()
-        WHERE {where} AND NOT {n["completed"]}
-        RETURNING {n["id"]}, {n["task_id"]}
+        WITH done AS (
+            UPDATE {n["table"]} SET {_completion(n, "%(outcome)s", "%(error)s")}
+            WHERE {where} AND NOT {n["completed"]}
+            RETURNING {_completed_columns(n)}
+        )
+        {_done_notice("done", "%(done_channel)s")}
     """  # noqa: S608
 
 
 @functools.cache
 def complete_signals() -> str:
-    """Complete pending signals by id. Parameters: outcome, error, list of ids."""
+    """Complete pending signals by id (see ``_complete`` for the parameters)."""
     return _complete("id")
 
 
-def _run_names() -> dict[str, str]:
-    from tasksignal.models import TaskRun
-
-    return _names(TaskRun)
+@functools.cache
+def complete_cancels_of() -> str:
+    """Complete the pending cancels of a list of tasks (see ``_complete``)."""
+    return _complete("cancels")
 
 
 #: The columns a worker node writes into run records, with their PostgreSQL types.
@@ -164,29 +210,24 @@ def _unnest_runs(prefix: str = "") -> str:
 @functools.cache
 def write_runs() -> str:
     """A worker node's batch of writes, in one statement: settle the signals of the runs that
-    ended (``too_late``), create the run records that do not exist yet, update the others.
+    ended (``too_late``), create the run records that do not exist yet, update the others,
+    and announce on the done channel every signal settled and every run that ended.
 
-    Parameters, by name: ``ended`` (task ids); one list per column of :data:`RUN_COLUMNS`
-    for every record (NULL: leave the column as it is), and the same prefixed ``new_`` for
-    the records to create if missing. The final UPDATE does not see the rows the INSERT
-    adds (one snapshot), which already hold their values.
+    Parameters, by name: ``ended`` (task ids), ``done_channel``; one list per column of
+    :data:`RUN_COLUMNS` for every record (NULL: leave the column as it is), and the same
+    prefixed ``new_`` for the records to create if missing. The UPDATE does not see the
+    rows the INSERT adds (one snapshot), which already hold their values.
     """
-    from tasksignal.models import CeleryTaskSignal
-    from tasksignal.states import Outcome
-
-    n, s = _run_names(), _names(CeleryTaskSignal)
+    n, s = _run_names(), _signal_names()
     columns = ", ".join(n[name] for name in RUN_COLUMNS)
     sets = ", ".join(
         f"{n[name]} = COALESCE(r.{name}, t.{n[name]})" for name in RUN_COLUMNS if name != "task_id"
     )
     return f"""
         WITH settled AS (
-            UPDATE {s["table"]} SET {s["completed"]} = true, {s["outcome"]} = '{Outcome.TOO_LATE}',
-                {s["completed_at"]} = statement_timestamp(),
-                {s["acknowledged_at"]} = COALESCE({s["acknowledged_at"]}, statement_timestamp()),
-                {s["modified"]} = statement_timestamp()
+            UPDATE {s["table"]} SET {_completion(s, f"'{Outcome.TOO_LATE}'", "''")}
             WHERE {s["task_id"]} = ANY(%(ended)s::text[]) AND NOT {s["completed"]}
-            RETURNING {s["id"]}
+            RETURNING {_completed_columns(s)}
         ), created AS (
             INSERT INTO {n["table"]} ({columns}, {n["updated_at"]})
             SELECT r.task_id, r.task_name, COALESCE(r.state, 'running'), r.worker, r.pid,
@@ -194,15 +235,82 @@ def write_runs() -> str:
                 COALESCE(r.progress_message, ''), COALESCE(r.error, ''), statement_timestamp()
             FROM {_unnest_runs("new_")}
             ON CONFLICT ({n["task_id"]}) DO NOTHING
-            RETURNING {n["task_id"]}
+            RETURNING 1
+        ), updated AS (
+            UPDATE {n["table"]} AS t SET {sets}, {n["updated_at"]} = statement_timestamp()
+            FROM {_unnest_runs()}
+            WHERE t.{n["task_id"]} = r.task_id
+            RETURNING 1
         )
-        UPDATE {n["table"]} AS t SET {sets}, {n["updated_at"]} = statement_timestamp()
-        FROM {_unnest_runs()}
-        WHERE t.{n["task_id"]} = r.task_id
+        SELECT (SELECT count(*) FROM created), (SELECT count(*) FROM updated),
+            ({_done_notice("settled", "%(done_channel)s")}),
+            (SELECT count(pg_notify(%(done_channel)s,
+                json_build_object('task_id', ended, 'ended', true)::text))
+             FROM unnest(%(ended)s::text[]) AS ended)
+    """  # noqa: S608
+
+
+# -- the JSON API ----------------------------------------------------------------------------
+@functools.cache
+def user_by_token() -> str:
+    """The user whose API token has this SHA-256 (parameter), with all its columns."""
+    from django.contrib.auth import get_user_model
+
+    from tasksignal.models import ApiToken
+
+    user, token = _names(get_user_model()), _names(ApiToken)
+    user_pk = connection.ops.quote_name(get_user_model()._meta.pk.column)
+    return f"""
+        SELECT u.* FROM {user["table"]} u JOIN {token["table"]} t ON t.{token["user"]} = u.{user_pk}
+        WHERE t.{token["key_hash"]} = %s
     """  # noqa: S608
 
 
 @functools.cache
-def complete_cancels_of() -> str:
-    """Complete the pending cancels of a list of tasks. Parameters: outcome, error, task ids."""
-    return _complete("cancels")
+def task_facts() -> str:
+    """What the API knows of a task before it signals it: whether anything records it, and
+    its run record's state. Parameter (twice, by name): ``task_id``."""
+    n, s = _run_names(), _signal_names()
+    return f"""
+        SELECT (SELECT {n["state"]} FROM {n["table"]} WHERE {n["task_id"]} = %(task_id)s),
+            EXISTS (SELECT 1 FROM {s["table"]} WHERE {s["task_id"]} = %(task_id)s)
+    """  # noqa: S608
+
+
+@functools.cache
+def task_status() -> str:
+    """A task's run record and every signal it was sent, in one row (one round trip).
+
+    Parameter (by name): ``task_id``. Columns: ``found`` (a record exists), then the
+    record's ``task_name, state, worker, pid, started_at, finished_at, progress_current,
+    progress_total, progress_message, error`` (NULL without a record), then ``signals``:
+    a JSON list, oldest first.
+    """
+    n, s = _run_names(), _signal_names()
+    run_columns = ", ".join(
+        f"r.{n[name]}"
+        for name in (
+            "task_name",
+            "state",
+            "worker",
+            "pid",
+            "started_at",
+            "finished_at",
+            "progress_current",
+            "progress_total",
+            "progress_message",
+            "error",
+        )
+    )
+    return f"""
+        SELECT r.{n["id"]} IS NOT NULL, {run_columns},
+            (SELECT COALESCE(json_agg(json_build_object(
+                'id', x.{s["id"]}, 'signal', x.{s["signal"]}, 'message', x.{s["message"]},
+                'completed', x.{s["completed"]}, 'outcome', NULLIF(x.{s["outcome"]}, ''),
+                'error', NULLIF(x.{s["error"]}, ''), 'created', x.{s["created"]},
+                'completed_at', x.{s["completed_at"]}) ORDER BY x.{s["created"]}, x.{s["id"]}),
+                '[]'::json)
+             FROM {s["table"]} x WHERE x.{s["task_id"]} = %(task_id)s)
+        FROM (SELECT 1) AS one
+        LEFT JOIN {n["table"]} r ON r.{n["task_id"]} = %(task_id)s
+    """  # noqa: S608

@@ -6,6 +6,7 @@ worker runs a task through the API in ``test_demo_api.py``.
 
 import hashlib
 import json
+import time
 import uuid
 from datetime import datetime, timedelta
 
@@ -16,7 +17,6 @@ from celery import current_app
 from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.db import connection
-from django.utils import timezone
 
 from tasksignal.auth import create_token
 from tasksignal.models import ApiToken, CeleryTaskSignal, TaskRun
@@ -193,10 +193,17 @@ def test_status_of_a_running_task_reports_its_run(api, run):
         "task": run.task_name,
         "state": "PENDING",
         "run_state": "running",
+        "finished": False,
         "result": None,
+        "error": None,
         "outcome": None,
         "progress": 0.75,
+        "progress_message": None,
         "paused": False,
+        "worker": None,
+        "pid": None,
+        "started_at": None,
+        "finished_at": None,
         "cancel_requested_at": None,
         "stopped_at": None,
         "latency_ms": None,
@@ -219,8 +226,10 @@ def test_status_reports_the_cancel_outcome_and_its_latency_from_the_database_clo
         {
             "id": cancel.pk,
             "signal": "cancel_task",
+            "message": "",
             "completed": True,
             "outcome": "cooperative",
+            "error": None,
             "created": cancel.created.isoformat(),
             "completed_at": cancel.completed_at.isoformat(),
         }
@@ -303,19 +312,45 @@ def test_signal_endpoint_answers_202_with_the_pending_signal(api, run, verb):
         "id": row.pk,
         "task_id": run.task_id,
         "signal": f"{verb}_task",
+        "message": "",
         "completed": False,
         "outcome": None,
         "created": row.created.isoformat(),
         "completed_at": None,
+        "latency_ms": None,
+        "already_pending": False,
     }, body
 
 
 @pytest.mark.parametrize("verb", ["cancel", "pause", "resume"])
-def test_sending_the_same_signal_twice_returns_the_same_pending_row(api, run, verb):
-    first = expect(api.post(f"/api/tasks/{run.task_id}/{verb}/"), 202)
+def test_sending_the_same_signal_twice_says_it_was_already_pending(api, run, verb):
+    first = expect(api.post(f"/api/tasks/{run.task_id}/{verb}/", {"message": "first"}), 202)
     second = expect(api.post(f"/api/tasks/{run.task_id}/{verb}/", {"message": "again"}), 202)
-    assert first == second, f"a repeated {verb} made a new signal: {first} then {second}"
+    assert second["already_pending"], f"a repeated {verb} did not say so: {second}"
+    assert (second["id"], second["message"]) == (first["id"], "first"), second
     assert CeleryTaskSignal.objects.filter(task_id=run.task_id).count() == 1
+
+
+@pytest.mark.parametrize("state", ["succeeded", "failed", "cancelled"])
+def test_a_cancel_of_a_finished_task_answers_at_once_that_it_came_too_late(api, run, state):
+    TaskRun.objects.filter(pk=run.pk).update(state=state)
+    body = expect(api.post(f"/api/tasks/{run.task_id}/cancel/"), 200)
+    assert (body["completed"], body["outcome"]) == (True, "too_late"), body
+    row = CeleryTaskSignal.objects.get(task_id=run.task_id)
+    assert (row.completed, row.outcome) == (True, "too_late"), row
+
+
+def test_cancel_with_a_wait_longer_than_allowed_is_cut_to_the_maximum(api, run, settings):
+    settings.TASKSIGNAL_MAX_WAIT = 0.2
+    started = time.monotonic()
+    body = expect(api.post(f"/api/tasks/{run.task_id}/cancel/?wait=30"), 202)
+    assert time.monotonic() - started < 5, "the wait was not capped by TASKSIGNAL_MAX_WAIT"
+    assert body["completed"] is False, body
+
+
+@pytest.mark.parametrize("wait", ["-1", "soon", "nan"])
+def test_an_invalid_wait_is_400(api, run, wait):
+    expect(api.post(f"/api/tasks/{run.task_id}/cancel/?wait={wait}"), 400)
 
 
 def test_signal_accepts_the_empty_form_django_test_client_sends_for_no_body(client, superuser, run):
@@ -366,27 +401,6 @@ def test_signals_endpoint_answers_400_naming_the_known_kinds_for_an_unknown_sign
     assert "cancel_task" in body["error"], f"the known kinds are not named: {body}"
 
 
-# -- the revoke baseline --------------------------------------------------------------------
-def test_revoke_baseline_is_404_unless_enabled(api, run, settings):
-    settings.TASKSIGNAL_API_BASELINE_REVOKE = False
-    body = expect(api.post(f"/api/tasks/{run.task_id}/revoke/"), 404)
-    assert "TASKSIGNAL_API_BASELINE_REVOKE" in body["error"], body
-
-
-def test_revoke_baseline_when_enabled_answers_the_database_time_of_the_request(api, run, settings):
-    settings.TASKSIGNAL_API_BASELINE_REVOKE = True
-    before = timezone.now()
-    body = expect(api.post(f"/api/tasks/{run.task_id}/revoke/"), 202)
-    assert body["id"] == run.task_id, body
-    revoked_at = parse_time(body["revoked_at"])
-    assert abs(revoked_at - before) < timedelta(seconds=5), f"{revoked_at} is not about {before}"
-
-
-def test_revoke_baseline_of_an_unknown_task_is_404(api, settings):
-    settings.TASKSIGNAL_API_BASELINE_REVOKE = True
-    expect(api.post("/api/tasks/no-such-task/revoke/"), 404)
-
-
 # -- authentication and permissions ---------------------------------------------------------
 def test_no_credentials_is_401_with_a_bearer_challenge(client, run):
     response = Api(client, None).get(f"/api/tasks/{run.task_id}/")
@@ -419,6 +433,27 @@ def test_a_deleted_token_is_401(client, superuser, run):
     expect(Api(client, secret).get(f"/api/tasks/{run.task_id}/"), 401)
 
 
+def test_a_token_seen_recently_costs_no_query_to_authenticate(
+    client, superuser, run, django_assert_num_queries
+):
+    api = Api(client, create_token(superuser)[1])
+    expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
+    with django_assert_num_queries(1):  # the status read only
+        expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
+
+
+def test_a_token_deleted_after_use_stops_working_within_the_cache_time(
+    client, superuser, run, settings
+):
+    settings.TASKSIGNAL_TOKEN_CACHE_SECONDS = 0.2
+    token, secret = create_token(superuser)
+    api = Api(client, secret)
+    expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
+    token.delete()
+    time.sleep(0.3)
+    expect(api.get(f"/api/tasks/{run.task_id}/"), 401)
+
+
 @pytest.mark.parametrize(
     ("method", "path", "permission"),
     [
@@ -428,7 +463,7 @@ def test_a_deleted_token_is_401(client, superuser, run):
         ("post", "/api/tasks/{id}/pause/", "tasksignal.add_celerytasksignal"),
         ("post", "/api/tasks/{id}/resume/", "tasksignal.add_celerytasksignal"),
         ("post", "/api/tasks/{id}/signals/", "tasksignal.add_celerytasksignal"),
-        ("post", "/api/tasks/{id}/revoke/", "tasksignal.add_celerytasksignal"),
+        ("get", "/api/tasks/", "tasksignal.view_taskrun"),
     ],
 )
 def test_a_user_without_the_permission_gets_403_naming_it(client, run, method, path, permission):
@@ -515,7 +550,7 @@ def test_create_api_token_for_an_unknown_user_is_a_clear_error():
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("get", "/api/tasks/", "POST"),
+        ("delete", "/api/tasks/", "GET, POST"),
         ("delete", "/api/tasks/{id}/", "GET"),
         ("get", "/api/tasks/{id}/cancel/", "POST"),
         ("put", "/api/openapi.json", "GET"),
@@ -530,3 +565,42 @@ def test_a_wrong_method_is_405_with_allow(api, run, method, path, allow):
 @pytest.mark.parametrize("path", ["/api/", "/api/nope", "/api/tasks/x/cancel", "/api/tasks//"])
 def test_an_unknown_path_under_the_api_is_a_json_404(api, path):
     expect(api.get(path), 404)
+
+
+def test_a_query_parameter_given_twice_is_400(api, run):
+    body = expect(api.get("/api/tasks/?state=running&state=queued"), 400)
+    assert "state" in body["error"], body
+
+
+def test_a_waiting_cancel_answers_503_at_once_when_the_database_is_down(client, run):
+    real_port = connection.settings_dict["PORT"]
+    connection.close()
+    connection.settings_dict["PORT"] = 1
+    started = time.monotonic()
+    try:
+        response = Api(client, "tsk_unverifiable").post(f"/api/tasks/{run.task_id}/cancel/?wait=60")
+    finally:
+        connection.settings_dict["PORT"] = real_port
+        connection.close()
+    expect(response, 503)
+    assert time.monotonic() - started < 5, "a 503 that waited"
+
+
+def test_runs_are_listed_newest_first_a_page_at_a_time(api):
+    ids = [
+        TaskRun.objects.create(task_id=f"listed-{n}", task_name="t", state="running").task_id
+        for n in range(5)
+    ]
+    first = expect(api.get("/api/tasks/?limit=3"), 200)
+    assert [r["id"] for r in first["results"]] == ids[:-4:-1], first
+    second = expect(api.get(first["next"]), 200)
+    assert [r["id"] for r in second["results"]] == ids[1::-1], second
+    assert second["next"] is None, second
+
+
+def test_runs_are_listed_by_state_task_and_worker(api):
+    TaskRun.objects.create(task_id="a", task_name="t1", state="running", worker="w1")
+    TaskRun.objects.create(task_id="b", task_name="t2", state="succeeded", worker="w2")
+    for query, expected in (("state=running", ["a"]), ("task=t2", ["b"]), ("worker=w2", ["b"])):
+        body = expect(api.get(f"/api/tasks/?{query}"), 200)
+        assert [r["id"] for r in body["results"]] == expected, (query, body)

@@ -68,13 +68,30 @@ def test_a_job_started_and_cancelled_through_the_api_stops_cooperatively(worker,
     assert final["latency_ms"] == pytest.approx(expected_ms, abs=0.01), final
 
 
+BASELINE = "/loadtest/tasks/{id}/revoke/"
+
+
+def test_the_revoke_baseline_is_not_mounted_by_the_project(client, headers):
+    response = client.post(BASELINE.format(id="any"), headers=headers)
+    assert response.status_code == 404, "the production URLconf mounts the revoke baseline"
+
+
+def test_the_revoke_baseline_needs_the_signal_permission(client, settings, django_user_model):
+    settings.ROOT_URLCONF = "loadtest.baseline"
+    user = django_user_model.objects.create_user("reader")
+    response = client.post(
+        BASELINE.format(id="any"), headers={"Authorization": f"Bearer {create_token(user)[1]}"}
+    )
+    assert response.status_code == 403, response.content
+
+
 def test_the_revoke_baseline_kills_the_process_running_the_task(worker, client, headers, settings):
-    settings.TASKSIGNAL_API_BASELINE_REVOKE = True
+    settings.ROOT_URLCONF = "loadtest.baseline"
     task_id = start_running(client, headers, "demo.tasks.sleepy_job", {"seconds": 60})
     pid = TaskRun.objects.get(task_id=task_id).pid
     assert pid in worker.child_pids(), f"run record names pid {pid}, not a worker child"
 
-    response = client.post(f"/api/tasks/{task_id}/revoke/", headers=headers)
+    response = client.post(BASELINE.format(id=task_id), headers=headers)
     assert response.status_code == 202, f"revoke: {response.content!r}"
     assert response.json()["revoked_at"], response.json()
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.django_db
 def test_healthz_is_ok_when_postgres_and_redis_answer(client):
     response = client.get("/healthz")
     assert response.status_code == 200, response.content
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "waiting": 0}
 
 
 def test_healthz_is_503_naming_redis_when_redis_is_down(client, settings):

@@ -42,7 +42,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
-ROOT_URLCONF = "config.urls"
+# The load test's server mounts the revoke baseline too (loadtest/baseline.py).
+ROOT_URLCONF = env("DJANGO_ROOT_URLCONF", default="config.urls")
 WSGI_APPLICATION = "config.wsgi.application"
 
 TEMPLATES = [
@@ -63,10 +64,21 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"postgres://postgres@127.0.0.1:5432/{PROJECT_SLUG}")
 }
-# Reuse connections across requests and tasks, but check them first: a worker outlives
-# many database restarts.
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if env.bool("DATABASE_POOL", default=False):
+    # The web process (bin/web turns this on): its threads share a few connections, and a
+    # request waiting for a stop gives its own back. No health check per request: after a
+    # PostgreSQL restart a broken pooled connection answers one 503 and is replaced.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env.int("DATABASE_POOL_SIZE", default=8),
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+    }
+else:
+    # Reuse connections across tasks (and requests), but check them first: a worker
+    # outlives many database restarts.
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -141,8 +153,8 @@ TASKSIGNAL_RECONCILE_INTERVAL = env.float("TASKSIGNAL_RECONCILE_INTERVAL", defau
 TASKSIGNAL_RECORD_RUNS = env.bool("TASKSIGNAL_RECORD_RUNS", default=True)
 TASKSIGNAL_SIGNAL_EXPIRY = env.float("TASKSIGNAL_SIGNAL_EXPIRY", default=24 * 3600.0)
 TASKSIGNAL_RETENTION = env.float("TASKSIGNAL_RETENTION", default=7 * 24 * 3600.0)
-# Benchmark-only: exposes POST /api/tasks/<id>/revoke/ (Celery's revoke(terminate=True)).
-TASKSIGNAL_API_BASELINE_REVOKE = env.bool("TASKSIGNAL_API_BASELINE_REVOKE", default=False)
+TASKSIGNAL_TOKEN_CACHE_SECONDS = env.float("TASKSIGNAL_TOKEN_CACHE_SECONDS", default=5.0)
+TASKSIGNAL_MAX_WAIT = env.float("TASKSIGNAL_MAX_WAIT", default=60.0)
 {%- if cookiecutter.include_demo_tasks == "y" %}
 # Tasks the JSON API may start (POST /api/tasks/).
 TASKSIGNAL_STARTABLE_TASKS = [

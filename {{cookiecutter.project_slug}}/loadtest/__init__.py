@@ -1,0 +1,1 @@
+"""The cancel storm (``make loadtest``); ``baseline.py`` is the URLconf its server mounts."""
