@@ -5,6 +5,8 @@
 #                                        then the same storm with revoke(terminate=True) as a
 #                                        baseline; everything stopped; summary printed
 #   make loadtest LOADTEST_DURATION=30s LOADTEST_MODES=cancel
+#   make loadtest LOADTEST_MODES=peak    ramp the users until stops/s stop growing, then the
+#                                        baseline at the peak's users
 #
 # Needs PostgreSQL and Redis (DATABASE_URL and REDIS_URL from the environment or .env) and the
 # dev extras (locust): pip install -e '.[dev]'. Reports: $(LOADTEST_REPORT_DIR)/summary.json,
@@ -15,18 +17,20 @@ LOADTEST_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 # Run time of each mode (locust's --run-time syntax: 90s, 2m, 1m30s).
 LOADTEST_DURATION ?= 60s
 # Storm users, each with one task in flight at a time; sibling users never cancel theirs.
-LOADTEST_USERS ?= 64
+# 56 + 8 tasks in flight for 64 worker processes: the storm's cancels hit running tasks.
+LOADTEST_USERS ?= 56
 LOADTEST_SIBLING_USERS ?= 8
-# cancel (tasksignal), revoke (Celery's revoke(terminate=True, signal=SIGKILL)), or both.
+# cancel (tasksignal), revoke (Celery's revoke(terminate=True, signal=SIGKILL)), and/or peak
+# (storms with LOADTEST_PEAK_USERS users, LOADTEST_PEAK_STEP each, until stops/s stop growing).
 LOADTEST_MODES ?= cancel,revoke
-# Prefork processes of the worker: the storm's tasks sleep, so CPUs are not the limit;
-# PostgreSQL connections are (about three per process; docs/loadtest.md).
-LOADTEST_WORKER_CONCURRENCY ?= 24
-# gunicorn processes and threads per process (one database connection per thread).
-LOADTEST_WEB_CONCURRENCY ?= 3
-LOADTEST_GUNICORN_THREADS ?= 4
-# Locust processes (--processes); 1 runs Locust in a single process.
-LOADTEST_PROCESSES ?= 1
+LOADTEST_PEAK_USERS ?= 64,96,128,160
+LOADTEST_PEAK_STEP ?= 20s
+# Prefork processes of the worker: the storm's tasks sleep, so CPUs are not the limit, and
+# the worker node holds one PostgreSQL connection whatever the number (docs/loadtest.md).
+LOADTEST_WORKER_CONCURRENCY ?= 64
+# gunicorn processes (threads: GUNICORN_THREADS, 150 by default; waiters hold none of the
+# database pool's connections).
+LOADTEST_WEB_CONCURRENCY ?= 2
 # Gate: the p99 of cooperative cancels, in milliseconds.
 LOADTEST_MAX_P99_MS ?= 100
 LOADTEST_REPORT_DIR ?= loadtest/reports
@@ -38,10 +42,10 @@ loadtest: ## Cancel storm, then the revoke baseline, against a local web + worke
 	LOADTEST_USERS='$(LOADTEST_USERS)' \
 	LOADTEST_SIBLING_USERS='$(LOADTEST_SIBLING_USERS)' \
 	LOADTEST_MODES='$(LOADTEST_MODES)' \
+	LOADTEST_PEAK_USERS='$(LOADTEST_PEAK_USERS)' \
+	LOADTEST_PEAK_STEP='$(LOADTEST_PEAK_STEP)' \
 	LOADTEST_WORKER_CONCURRENCY='$(LOADTEST_WORKER_CONCURRENCY)' \
 	LOADTEST_WEB_CONCURRENCY='$(LOADTEST_WEB_CONCURRENCY)' \
-	LOADTEST_GUNICORN_THREADS='$(LOADTEST_GUNICORN_THREADS)' \
-	LOADTEST_PROCESSES='$(LOADTEST_PROCESSES)' \
 	LOADTEST_MAX_P99_MS='$(LOADTEST_MAX_P99_MS)' \
 	LOADTEST_REPORT_DIR='$(LOADTEST_REPORT_DIR)' \
 	$(LOADTEST_PYTHON) loadtest/run.py

@@ -46,7 +46,9 @@ gevent); ``checkpoint()`` costs an attribute read when nothing is pending.
 
 import logging
 
+from celery import states
 from celery.contrib.django.task import DjangoTask
+from celery.exceptions import TaskRevokedError
 from django.db import connections
 from psycopg import pq
 
@@ -154,7 +156,22 @@ class SignalAwareTask(DjangoTask):
         cleanup_ok = outcome == Outcome.SKIPPED or self._clean_up(run, exc, outcome)
         runtime.end(run, stop_outcome=outcome)
         logger.info("task %s[%s] cancelled (%s)", self.name, run.task_id, outcome)
-        return RunStopped(run.task_id, outcome, cleanup_ok)
+        stored = self._store_revoked(run.task_id, RunStopped.reason_for(outcome, cleanup_ok))
+        return RunStopped(run.task_id, outcome, cleanup_ok, stored)
+
+    def _store_revoked(self, task_id: str, reason: str) -> bool:
+        """Store ``REVOKED`` from the pool process: the worker's main process would
+        otherwise, in the one thread all its messages go through. False if not stored."""
+        if self.ignore_result and not self.store_errors_even_if_ignored:
+            return False
+        try:
+            self.backend.store_result(
+                task_id, TaskRevokedError(reason), states.REVOKED, request=self.request
+            )
+        except Exception as exc:  # the main process tries again (and says so if it fails)
+            logger.warning("could not store REVOKED for %s: %r", task_id, exc)
+            return False
+        return True
 
     def _clean_up(self, run: Run, exc: TaskCancelled, outcome: str) -> bool:
         ok = True

@@ -332,6 +332,28 @@ class Board:
         run = self.read_run(index, task_id)
         return run is not None and run.pid == pid and run.run_state in (RUNNING, PAUSED)
 
+    def live_runs(self) -> int:
+        """How many of the board's runs are executing (running or paused) right now.
+
+        Read without the node's lock from any process that can open the board: the load
+        test samples it to tell running tasks from queued ones.
+
+        >>> import tempfile, pathlib
+        >>> board = Board.create(pathlib.Path(tempfile.mkdtemp()) / "live.board", capacity=4)
+        >>> _ = board.allocate("running"), board.allocate("queued")
+        >>> board.mailbox("running").report(run_state=RUNNING, pid=1)
+        >>> board.live_runs()
+        1
+        >>> board.close(remove=True)
+        """
+        live = 0
+        for index in range(self.capacity):
+            base = self._at(index)
+            if self.view[base + STATE_AT] == USED:
+                run_state = _read_run(self.view, self._map, base).run_state
+                live += run_state in (RUNNING, PAUSED)
+        return live
+
     def take_acks(self, index: int, task_id: str) -> list[Ack]:
         """The acks the run wrote since the last call, oldest first; frees their places."""
         with self._lock:

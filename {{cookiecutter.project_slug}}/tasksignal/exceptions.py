@@ -32,25 +32,33 @@ class RunStopped(Ignore):
 
     Raised by ``SignalAwareTask`` after its cleanup, outside any ``except`` block, so that
     Celery's trace formats a two-frame traceback instead of the task's whole stack. As an
-    ``Ignore`` the trace stores no result; the worker's main process then records
-    ``REVOKED``, sends ``task-revoked`` and completes the signal (``request.py``).
+    ``Ignore`` the trace stores no result: the task has stored ``REVOKED`` itself
+    (``stored``); the worker's main process then completes the signal, sends
+    ``task-revoked`` and acknowledges the message (``request.py``).
 
     >>> stopped = RunStopped("abc", Outcome.COOPERATIVE, True)
-    >>> stopped.outcome, stopped.reason
-    ('cooperative', 'cancelled (cooperative)')
+    >>> stopped.outcome, stopped.reason, stopped.stored
+    ('cooperative', 'cancelled (cooperative)', False)
     """
 
-    def __init__(self, task_id: str, outcome: str, cleanup_ok: bool) -> None:
-        # All three go to Exception.args: the exception crosses the pool's pipe by pickle.
-        super().__init__(task_id, outcome, cleanup_ok)
+    def __init__(self, task_id: str, outcome: str, cleanup_ok: bool, stored: bool = False):
+        # All go to Exception.args: the exception crosses the pool's pipe by pickle.
+        super().__init__(task_id, outcome, cleanup_ok, stored)
         self.task_id = task_id
         self.outcome = outcome
         self.cleanup_ok = cleanup_ok
+        #: Whether ``REVOKED`` is in the result backend already.
+        self.stored = stored
 
     @property
     def reason(self) -> str:
         """The reason stored with ``REVOKED`` in the result backend."""
-        return f"cancelled ({self.outcome})" + ("" if self.cleanup_ok else ", cleanup failed")
+        return self.reason_for(self.outcome, self.cleanup_ok)
+
+    @staticmethod
+    def reason_for(outcome: str, cleanup_ok: bool) -> str:
+        """The reason of a run stopped by rung ``outcome``, its cleanup done or not."""
+        return f"cancelled ({outcome})" + ("" if cleanup_ok else ", cleanup failed")
 
     def __str__(self) -> str:
         return f"task {self.task_id} {self.reason}"

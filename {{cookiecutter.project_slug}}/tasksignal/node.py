@@ -4,11 +4,13 @@ A worker node is one ``celery worker`` command: a main process and its pool. The
 runtime lives in the main process, which already knows which pool process runs which
 request, so the cost of signalling follows the number of signals, not of processes:
 
-* **Admission** (from ``SignalAwareRequest.revoked()``): before Celery hands a task to the
-  pool, the node starts to ``LISTEN`` on the task's channel (``notify.py``) and, in the same
-  round trip, one indexed query tells whether a cancel waits for it; if one does, the task
-  is skipped and no pool process sees it. Otherwise the run gets a mailbox on the node's
-  board (``board.py``), with any signal already pending in it.
+* **Admission** (from ``SignalAwareRequest.revoked()``): when Celery is about to hand a task
+  to the pool, the node holds it back and its thread starts to ``LISTEN`` on the task's
+  channel (``notify.py``) and, in the same round trip, one indexed query tells whether a
+  cancel waits for it. The worker's event loop goes on meanwhile; the answer comes back
+  through it: if a cancel waits, the task is skipped and no pool process sees it;
+  otherwise the run gets a mailbox on the node's board (``board.py``), with any signal
+  already pending in it, and the task goes to the pool.
 * **Listening**: a signal reaches this node the moment its row commits, and only if the node
   holds the task. Every ``TASKSIGNAL_RECONCILE_INTERVAL`` one query reads the pending
   signals of the node's tasks (not of the whole table), covering reconnects.
@@ -25,8 +27,12 @@ request, so the cost of signalling follows the number of signals, not of process
   second.
 
 All database work happens on one PostgreSQL connection, the node thread's, whatever the
-node's concurrency: the main thread hands it what must be answered before Celery moves on
-(an admission, a kill's outcome) and waits. Pool processes hold no connection for
+node's concurrency. The main thread runs the worker's event loop, which every message of
+the node goes through, so it never waits for the database: it hands the thread what must
+be answered before Celery moves on (an admission, a stop's outcome written) and the
+answer comes back as an event of the loop (``ANSWER_TIMEOUT`` at most; only a kill's
+outcome is waited for, while the process is frozen, and everything is waited for with
+pools that have no event loop: solo, threads). Pool processes hold no connection for
 signalling. Add the node to the Celery app (``config/celery.py`` does)::
 
     app.steps["worker"].add(NodeStep)
@@ -50,6 +56,7 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -88,9 +95,9 @@ EARLY = 0.1
 UNLISTEN_INTERVAL = 1.0
 #: Mailboxes per task the pool can hold at once (the board's load factor).
 MAILBOXES_PER_SLOT = 4
-#: Seconds the main thread waits for the node's thread (an admission, an outcome written)
-#: before it carries on without: the task is admitted unchecked, or Celery acknowledges
-#: the message while the node keeps retrying the write.
+#: Seconds the main thread gives the node's thread to answer (an admission, an outcome
+#: written) before it carries on without: the task is admitted unchecked, or Celery
+#: acknowledges the message while the node keeps retrying the write.
 ANSWER_TIMEOUT = 2.0
 #: What the main thread writes on the wake-up pipe (runs write their mailbox index).
 WAKE_FOR_EVENTS = struct.pack("<i", -1)
@@ -118,6 +125,14 @@ class Admission:
     request: object
     index: int | None
     killed: bool = False
+
+
+@dataclass
+class Question:
+    """What the main thread asked the node's thread without waiting (main thread only)."""
+
+    deadline: float  # monotonic clock
+    on_answer: Callable[[object], None]  # called with the answer, or None at the deadline
 
 
 @dataclass
@@ -158,9 +173,9 @@ class Node:
         self.pid = os.getpid()
         # A pipe the node's thread waits on: the main thread writes -1 when it has events,
         # a run that ended writes its mailbox index (4 bytes, so each write is atomic).
-        self._wake_read, self._wake_write = os.pipe()
-        for fd in (self._wake_read, self._wake_write):
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self._wake_read, self._wake_write = _nonblocking_pipe()
+        # And one the worker's event loop watches: the thread has answers for it.
+        self._answer_read, self._answer_write = _nonblocking_pipe()
         self.board = boards.Board.create(
             boards.board_path(self.pid), capacity, wake_fd=self._wake_write
         )
@@ -170,6 +185,7 @@ class Node:
         self.done_channel = notify.done_channel()
         self.reconcile_interval = conf.get("TASKSIGNAL_RECONCILE_INTERVAL")
         self.worker = None
+        self._hub = None
         #: How many signal notifications reached this node (each for a task it holds).
         self.notices = 0
         #: What ``celery inspect tasksignal`` answers; replaced whole by the node's thread.
@@ -177,13 +193,15 @@ class Node:
         # Main thread.
         self._admitted: dict[str, Admission] = {}
         self._observed: dict[str, Observed] = {}
+        self._questions: dict[tuple[str, str], Question] = {}
         # Main thread -> node thread; the thread is woken only while it sleeps.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._sleeping = False
         # Node thread -> main thread: stops whose outcome is written (the main thread may
-        # then let Celery acknowledge the message), the events it waits on, kills to do.
+        # then let Celery acknowledge the message), the answers it waits for, kills to do.
         self._stops_written: set[str] = set()
-        self._stop_waiters: dict[str, threading.Event] = {}
+        self._stop_waiters: dict[str, concurrent.futures.Future] = {}
+        self._answers: collections.deque[tuple] = collections.deque()
         self._kills: collections.deque[str] = collections.deque()
         # Node thread.
         self._db: psycopg.Connection | None = None
@@ -206,9 +224,12 @@ class Node:
 
     # -- lifecycle (main thread) -------------------------------------------------------
     def start(self, worker) -> None:
-        """Start the node's thread; ``worker`` is the worker (its pool carries out kills)."""
+        """Start the node's thread; ``worker`` is the worker (its pool carries out kills,
+        its event loop, when it has one, receives the thread's answers)."""
         global _current
         self.worker = worker
+        self._hub = getattr(worker, "hub", None)
+        self._watch_answers()
         _current = self
         self._thread = threading.Thread(target=self._run, name="tasksignal-node", daemon=True)
         self._thread.start()
@@ -223,15 +244,17 @@ class Node:
         _current = None
         self._stopped = True
         self.board.close(remove=True)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        if self._hub is not None:
+            self._hub.remove_reader(self._answer_read)
+        for fd in (self._wake_read, self._wake_write, self._answer_read, self._answer_write):
+            os.close(fd)
 
     def _forget_in_child(self) -> None:
         """In a pool process: close what it inherited of the node but must never use (the
         board, and the write end of the wake-up pipe, it keeps: that is how runs talk)."""
         if self._stopped:
             return
-        for fd in (self._db_fd, self._wake_read):
+        for fd in (self._db_fd, self._wake_read, self._answer_read, self._answer_write):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -253,16 +276,59 @@ class Node:
         cannot answer within ``ANSWER_TIMEOUT`` (no database, say)."""
         answer: concurrent.futures.Future = concurrent.futures.Future()
         self._push(kind, task_id, answer, *details)
-        try:
-            return answer.result(ANSWER_TIMEOUT)
-        except (concurrent.futures.TimeoutError, *DATABASE_ERRORS):
-            return None
+        return _result(answer)
+
+    # -- answers through the worker's event loop (main thread) ---------------------------
+    def _watch_answers(self) -> None:
+        # The consumer resets the loop's readers when it reconnects to the broker: checked
+        # again every tick.
+        if self._hub is not None and self._answer_read not in self._hub.readers:
+            self._hub.add_reader(self._answer_read, self._take_answers)
+
+    def _when_answered(self, key: tuple[str, str], answer, on_answer) -> None:
+        """Call ``on_answer(result)`` in the main thread once the future ``answer`` is done,
+        or ``on_answer(None)`` after ``ANSWER_TIMEOUT``; only once either way."""
+        self._questions[key] = Question(time.monotonic() + ANSWER_TIMEOUT, on_answer)
+        answer.add_done_callback(lambda done: self._to_main(key, done))
+
+    def _to_main(self, key: tuple[str, str], answer) -> None:
+        """Any thread: hand an answer to the event loop (it wakes on the pipe)."""
+        self._answers.append((key, answer))
+        with contextlib.suppress(BlockingIOError):  # full: the loop has a wake-up pending
+            os.write(self._answer_write, b"!")
+
+    def _take_answers(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._answer_read, 4096)
+        while self._answers:
+            key, answer = self._answers.popleft()
+            question = self._questions.pop(key, None)
+            if question is not None:  # else it timed out: carried on without
+                question.on_answer(None if answer.exception() else answer.result())
+
+    def _expire_questions(self, now: float) -> None:
+        for key in [key for key, question in self._questions.items() if question.deadline <= now]:
+            self._questions.pop(key).on_answer(None)
 
     # -- admission and run ends (main thread, from SignalAwareRequest) ---------------------
-    def admit(self, request) -> bool:
-        """Whether ``request`` may run: False if a cancel waits for it (it is then completed
-        ``skipped``); True after giving the run a mailbox with its pending signals."""
+    def hold(self, request) -> bool:
+        """Whether the worker must hold ``request`` back instead of handing it to the pool.
+
+        The first time the worker hands it over, the node asks its thread whether a cancel
+        waits for the task and holds it back (with an event loop; without one it waits for
+        the answer). On the answer the task is either skipped (Celery's revoke, with the
+        reason ``cancelled (skipped)``) or handed to the pool again, and then let through.
+        """
+        admitted = request._tasksignal_admitted
+        if admitted is not None:
+            return not admitted
         task_id = request.id
+        if request not in worker_state.reserved_requests:
+            # Celery's strategy looks at a message with an expiry before reserving it:
+            # the node decides when the worker hands it to the pool, not at that look.
+            return False
+        if ("admit", task_id) in self._questions:
+            return True
         index = None
         try:
             index = self.board.allocate(task_id)
@@ -270,31 +336,60 @@ class Node:
             logger.error("task %s has no mailbox (%s): it cannot be signalled", task_id, exc)
         task = request.task
         grace, kill_after = task.resolved_cancel_grace(), task.resolved_kill_after()
-        admitted = self._ask("admit", task_id, request.name, index, grace, kill_after)
-        if admitted is False:
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        self._push("admit", task_id, answer, request.name, index, grace, kill_after)
+        if self._hub is None:
+            return not self._admit(request, index, _result(answer))
+
+        def admitted_or_not(verdict) -> None:
+            if self._admit(request, index, verdict):
+                try:
+                    self.worker.process_task(request)  # to the pool, as Celery first tried
+                except Exception:
+                    logger.exception("could not hand task %s to the pool", task_id)
+
+        self._when_answered(("admit", task_id), answer, admitted_or_not)
+        return True
+
+    def _admit(self, request, index: int | None, verdict: bool | None) -> bool:
+        """Act on the thread's verdict on ``request``: follow it, or skip it (and say so)."""
+        task_id = request.id
+        request._tasksignal_admitted = verdict is not False
+        if verdict is False:
             if index is not None:
                 self.board.free(index, task_id)
+            # Celery's own announcement of a revoked task, with our reason.
+            request._announce_revoked("cancelled (skipped)", False, None, False)
             return False
-        if admitted is None:
+        if verdict is None:
             logger.warning("could not look up signals of %s in time; it runs unchecked", task_id)
         self._admitted[task_id] = Admission(request, index)
         return True
 
-    def run_stopped(self, request, stopped) -> None:
-        """A run ended by a cancel (:class:`~tasksignal.exceptions.RunStopped`).
+    def run_stopped(self, request, stopped, announce: Callable[[], None]) -> None:
+        """A run ended by a cancel (:class:`~tasksignal.exceptions.RunStopped`): call
+        ``announce()`` (Celery's revoke, which acknowledges the message) once the cancel's
+        outcome is written, or after ``ANSWER_TIMEOUT``.
 
-        The node's thread writes the cancel's outcome, usually before this is called (the
-        run woke it as it ended). This waits until it has, at most ``ANSWER_TIMEOUT``, so
-        that Celery acknowledges the message only once the cancel is completed.
+        The node's thread usually has written it already: the run woke it as it ended.
         """
         task_id = request.id
-        waiter = self._stop_waiters[task_id] = threading.Event()
+        waiter = self._stop_waiters[task_id] = concurrent.futures.Future()
         self._push("stopped", task_id, stopped.outcome)
-        if task_id not in self._stops_written and not waiter.wait(ANSWER_TIMEOUT):
-            logger.warning("the outcome of %s is not written yet; it will be", task_id)
-        self._stop_waiters.pop(task_id, None)
-        self._stops_written.discard(task_id)
-        self._end(task_id, RunState.CANCELLED)
+
+        def written(ok) -> None:
+            self._stop_waiters.pop(task_id, None)
+            if not ok:
+                logger.warning("the outcome of %s is not written yet; it will be", task_id)
+            self._end(task_id, RunState.CANCELLED)
+            announce()
+
+        if task_id in self._stops_written:
+            written(True)
+        elif self._hub is None:
+            written(_result(waiter))
+        else:
+            self._when_answered(("stopped", task_id), waiter, written)
 
     def run_failed(self, request, error: str) -> None:
         """A run ended with an exception (or was killed: then it is already recorded)."""
@@ -308,7 +403,9 @@ class Node:
         self._observed[request.id] = Observed(request)
 
     def main_tick(self) -> None:
-        """Main thread, every ``MAIN_TICK``: runs that ended, and kills to carry out."""
+        """Main thread, every ``MAIN_TICK``: runs that ended, answers overdue, kills to do."""
+        self._watch_answers()
+        self._expire_questions(time.monotonic())
         reserved = worker_state.reserved_requests
         for task_id, admission in list(self._admitted.items()):
             # Celery drops a request from its reserved set when it ends; a failure or a
@@ -333,6 +430,7 @@ class Node:
 
     def _end(self, task_id: str, state: str, error: str = "") -> None:
         admission = self._admitted.pop(task_id, None)
+        self._stops_written.discard(task_id)
         if admission is None:
             return
         if admission.index is not None:
@@ -749,8 +847,8 @@ class Node:
                 for task_id in keys:
                     self._stops_written.add(task_id)
                     waiter = self._stop_waiters.get(task_id)
-                    if waiter is not None:
-                        waiter.set()
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(True)
 
     def _record(self, tracked: Tracked, **fields) -> None:
         if not self.record_runs:
@@ -802,6 +900,21 @@ def records_parameters(records: dict[str, dict], ended: list[str]) -> dict[str, 
             if not brief:
                 parameters[f"new_{name}"].append(row.get(name))
     return parameters
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    for fd in (read, write):
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return read, write
+
+
+def _result(answer: concurrent.futures.Future):
+    """Wait for the node thread's answer, ``ANSWER_TIMEOUT`` at most; ``None`` without."""
+    try:
+        return answer.result(ANSWER_TIMEOUT)
+    except (concurrent.futures.TimeoutError, *DATABASE_ERRORS):
+        return None
 
 
 def _posted(payload: dict) -> dict:

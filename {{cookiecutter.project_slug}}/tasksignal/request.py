@@ -2,20 +2,22 @@
 
 Celery makes one ``Request`` per task message in the worker's main process, of the class
 the task names (``Task.Request``; ``SignalAwareTask`` names this one). Its methods run in
-the main process's event loop, so they only touch the node's memory, except for the two
-database statements that must happen before Celery moves on:
+the main process's event loop, which every message of the worker goes through, so they
+only touch the node's memory and never wait for the database:
 
 * ``revoked()``, which Celery calls just before handing the task to its pool: besides
-  Celery's own revokes, the node looks up this task's cancel, once. A cancel pending, or
-  completed earlier (a message delivered again after its worker died), skips the task the
-  way Celery skips a revoked one (``REVOKED``, a ``task-revoked`` event, the
-  ``task_revoked`` signal, the message acknowledged) and no pool process sees it.
-  Otherwise the node gives the run its mailbox (``board.py``).
+  Celery's own revokes, the node holds the task back the first time and looks up its
+  cancel (``Node.hold``). A cancel pending, or completed earlier (a message delivered
+  again after its worker died), skips the task the way Celery skips a revoked one
+  (``REVOKED``, a ``task-revoked`` event, the ``task_revoked`` signal, the message
+  acknowledged) and no pool process sees it. Otherwise the node gives the run its
+  mailbox (``board.py``) and hands the task to the pool again.
 * ``on_failure()`` with :class:`~tasksignal.exceptions.RunStopped`, which ends every run
-  stopped by a cancel: the node completes the cancel with the run's outcome, then Celery
-  announces the revoke. The signal is completed before the message is acknowledged, so a
-  worker that dies in between leaves a completed cancel and a message that is skipped
-  when it comes back, never a task that runs again.
+  stopped by a cancel: once the node has completed the cancel with the run's outcome,
+  Celery announces the revoke. The signal is completed before the message is
+  acknowledged, so a worker that dies in between leaves a completed cancel and a message
+  that is skipped when it comes back, never a task that runs again. The pool process has
+  stored ``REVOKED`` already, so the announcement does not store it again.
 
 Without a node in this worker (``tasksignal.node.NodeStep`` not added) the request
 behaves like Celery's.
@@ -31,21 +33,22 @@ from tasksignal.exceptions import RunStopped
 class SignalAwareRequest(Request):
     """Celery's request, with the worker node's admission and stop hooks."""
 
+    #: The node's verdict: ``None`` until it has one, then whether the task may run.
     _tasksignal_admitted = None
+    #: Whether the pool process stored the run's end in the result backend itself.
+    _tasksignal_stored = False
+
+    @property
+    def store_errors(self) -> bool:
+        """Celery's rule for storing an end that is not a success, unless already stored."""
+        return not self._tasksignal_stored and super().store_errors
 
     def revoked(self) -> bool:
-        """Celery's revoke check, then (once) the node's: is a cancel waiting for this task?"""
+        """Celery's revoke check, then the node's: must this task be held back or skipped?"""
         if super().revoked():
             return True
         node = nodes.current()
-        if node is None or self._tasksignal_admitted is not None:
-            return False
-        self._tasksignal_admitted = node.admit(self)
-        if self._tasksignal_admitted:
-            return False
-        # Celery's own announcement of a revoked task, with our reason.
-        self._announce_revoked("cancelled (skipped)", False, None, False)
-        return True
+        return node is not None and node.hold(self)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         """A run that did not succeed: a stopped one is a revoke, anything else Celery's."""
@@ -54,8 +57,12 @@ class SignalAwareRequest(Request):
         if node is None or not self._tasksignal_admitted:
             return super().on_failure(exc_info, send_failed_event, return_ok)
         if isinstance(exc, RunStopped):
-            node.run_stopped(self, exc)
-            self._announce_revoked(exc.reason, False, None, False)
+            self._tasksignal_stored = exc.stored
+
+            def announce() -> None:
+                self._announce_revoked(exc.reason, False, None, False)
+
+            node.run_stopped(self, exc, announce)
             return None
         node.run_failed(self, safe_repr(exc))
         return super().on_failure(exc_info, send_failed_event, return_ok)
