@@ -11,7 +11,8 @@
 3. Runs ``bin/loadtest`` once per mode: ``cancel`` (the tasksignal storm), ``revoke`` (the
    same storm stopping its tasks with ``revoke(terminate=True)``: the baseline), and with
    ``peak`` a ramp of storms with more and more users until the honoured stops per second
-   stop growing, then the baseline at the peak's users.
+   stop growing (or a step fails, or cancels of queued tasks carry it), then the baseline
+   at the peak's users.
 4. Measures, per run, the CPU of each part (web, worker, PostgreSQL, Redis, Locust: the
    PostgreSQL server's and Redis's whole processes, backends that came and went included, so
    run it on servers nothing else is using) and how many tasks were *running* at once (from
@@ -56,6 +57,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 USERNAME = "loadtest"
 LABELS = {"cancel": "storm", "revoke": "baseline"}
+#: The share of a peak step's stops that must be of running tasks.
+MIN_RUNNING_SHARE = 0.5
 _STARTED = time.monotonic()
 
 
@@ -385,17 +388,45 @@ class Target:
         return summary
 
     def find_peak(self) -> tuple[list[dict], dict | None]:
-        """Storms with more and more users until honoured stops per second stop growing by
-        5 %; return every step's summary and the best one."""
+        """Storms with more and more users; return every step's summary and the peak.
+
+        A step counts when every cancel was honoured, no sibling was harmed and at least
+        :data:`MIN_RUNNING_SHARE` of its stops were of running tasks (cancels of queued
+        tasks are cheap and must not carry the figure). The ramp ends at the first step
+        that does not count or that adds less than 5 % to the best; the peak is the best
+        step that counted.
+        """
         steps: list[dict] = []
+        best: dict | None = None
         for users in self.settings.peak_users:
             summary = self.storm("cancel", f"peak-{users}", users, self.settings.peak_step)
             if summary is None:
                 break
             steps.append(summary)
-            if len(steps) > 1 and summary["honoured_per_s"] < 1.05 * steps[-2]["honoured_per_s"]:
+            if not counts_for_peak(summary):
                 break
-        return steps, max(steps, key=lambda step: step["honoured_per_s"], default=None)
+            if best is not None and summary["honoured_per_s"] < 1.05 * best["honoured_per_s"]:
+                break
+            best = summary
+        return steps, best
+
+
+def counts_for_peak(summary: dict) -> bool:
+    """Whether a storm step may stand as the peak: all honoured, no harm, mostly running.
+
+    >>> counts_for_peak({"counts": {"unhonoured": 0, "siblings_failed": 0},
+    ...                  "running_share": 0.7})
+    True
+    >>> counts_for_peak({"counts": {"unhonoured": 0, "siblings_failed": 0},
+    ...                  "running_share": 0.2})
+    False
+    """
+    counts = summary["counts"]
+    return (
+        counts["unhonoured"] == 0
+        and counts["siblings_failed"] == 0
+        and (summary.get("running_share") or 0) >= MIN_RUNNING_SHARE
+    )
 
 
 def run_locust(storm_env: Mapping[str, str]) -> int:

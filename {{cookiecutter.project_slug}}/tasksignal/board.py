@@ -350,7 +350,10 @@ class Board:
         for index in range(self.capacity):
             base = self._at(index)
             if self.view[base + STATE_AT] == USED:
-                run_state = _read_run(self.view, self._map, base).run_state
+                try:
+                    run_state = _read_run(self.view, self._map, base).run_state
+                except RuntimeError:  # rewritten all the time: a run reporting progress
+                    run_state = RUNNING
                 live += run_state in (RUNNING, PAUSED)
         return live
 

@@ -193,6 +193,8 @@ class Node:
         # Main thread.
         self._admitted: dict[str, Admission] = {}
         self._observed: dict[str, Observed] = {}
+        self._recovered = False
+        self._application = f"tasksignal node {hostname}"[:63]
         self._questions: dict[tuple[str, str], Question] = {}
         # Main thread -> node thread; the thread is woken only while it sleeps.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -564,7 +566,7 @@ class Node:
         params.pop("context", None)
         try:
             self._db = psycopg.connect(
-                **params, autocommit=True, application_name=f"tasksignal node {self.hostname}"
+                **params, autocommit=True, application_name=self._application
             )
         except DATABASE_ERRORS as exc:
             self._reconnect_at = time.monotonic() + RECONNECT_DELAY
@@ -576,12 +578,33 @@ class Node:
             logger.warning("tasksignal node reconnected to PostgreSQL")
         self._outage = False
         self._db_fd = self._db.fileno()
+        if not self._recovered:
+            self._recover_orphans()
         # A new session listens to nothing and may have missed notifications.
         self._to_unlisten.clear()
         self._listening = set(self._tracked)
         if self._tracked:
             self._execute("; ".join(f"LISTEN {self._channel(t)}" for t in self._tracked))
         self._next["reconcile"] = 0.0
+
+    def _recover_orphans(self) -> None:
+        """Once per node, first thing: settle the runs an earlier life of this node left
+        ``running`` (it was killed); see :func:`sql.recover_orphans`."""
+        ((requeued, killed, _, _),) = self._execute(
+            sql.recover_orphans(),
+            {
+                "worker": self.hostname,
+                "application": self._application,
+                "done_channel": self.done_channel,
+            },
+        )
+        self._recovered = True
+        if requeued or killed:
+            logger.warning(
+                "tasksignal node %s found %d runs of its earlier life: %d cancels completed "
+                "killed, %d back to queued until the broker delivers them again",
+                self.hostname, requeued + killed, killed, requeued,
+            )  # fmt: skip
 
     def _disconnect(self) -> None:
         db, self._db = self._db, None

@@ -18,7 +18,7 @@ import functools
 from django.db import connection
 
 from tasksignal.registry import CANCEL_TASK
-from tasksignal.states import Outcome
+from tasksignal.states import Outcome, RunState
 
 
 def _names(model) -> dict[str, str]:
@@ -134,6 +134,65 @@ def admit_task() -> str:
             RETURNING {_completed_columns(n)}
         ), told AS ({_done_notice("skipped", "{done_channel}")})
         SELECT found.* FROM found, told ORDER BY 1
+    """  # noqa: S608
+
+
+@functools.cache
+def recover_orphans() -> str:
+    """What a worker node does as it starts: settle the runs its earlier life left behind.
+
+    A node that was killed leaves its runs recorded ``running`` (or ``paused``) under its
+    name, though no process runs them any more. Each one with a pending cancel was stopped
+    by the crash: the run ends ``cancelled`` and the cancel is completed ``killed`` (and
+    announced), so its sender learns at once, and the broker's redelivery of the message
+    is skipped at admission (a completed cancel counts). Every other one goes back to
+    ``queued``: its message comes back when the broker's visibility timeout expires.
+
+    Nothing is touched while another session with the node's ``application`` name is
+    connected: a second worker started under the same node name (Celery warns of it), or
+    the frozen earlier life itself, still runs them.
+
+    Parameters by name: ``worker`` (the node's name), ``application`` (its sessions'
+    ``application_name``), ``done_channel``. One row: the number of runs requeued and of
+    cancels completed.
+    """
+    n, s = _run_names(), _signal_names()
+    cancelled, queued = RunState.CANCELLED, RunState.QUEUED
+    return f"""
+        WITH orphans AS (
+            SELECT t.{n["task_id"]} AS task_id, EXISTS (
+                SELECT 1 FROM {s["table"]} c WHERE c.{s["task_id"]} = t.{n["task_id"]}
+                    AND c.{s["signal"]} = '{CANCEL_TASK}' AND NOT c.{s["completed"]}
+            ) AS cancelled
+            FROM {n["table"]} t
+            WHERE t.{n["worker"]} = %(worker)s
+                AND t.{n["state"]} IN ('{RunState.RUNNING}', '{RunState.PAUSED}')
+                AND NOT EXISTS (
+                    SELECT 1 FROM pg_stat_activity WHERE application_name = %(application)s
+                        AND pid <> pg_backend_pid()
+                )
+            FOR UPDATE OF t
+        ), settled AS (
+            UPDATE {n["table"]} AS t SET
+                {n["state"]} = CASE WHEN o.cancelled THEN '{cancelled}' ELSE '{queued}' END,
+                {n["finished_at"]} = CASE WHEN o.cancelled THEN statement_timestamp() END,
+                {n["pid"]} = NULL,
+                {n["error"]} = CASE WHEN o.cancelled THEN '' ELSE 'its worker node stopped while '
+                    || 'it ran; the broker delivers it again' END,
+                {n["updated_at"]} = statement_timestamp()
+            FROM orphans o WHERE t.{n["task_id"]} = o.task_id
+            RETURNING t.{n["task_id"]} AS task_id, o.cancelled
+        ), killed AS (
+            UPDATE {s["table"]} SET {_completion(s, f"'{Outcome.KILLED}'", "'its node died'")}
+            WHERE {s["task_id"]} IN (SELECT task_id FROM settled WHERE cancelled)
+                AND {s["signal"]} = '{CANCEL_TASK}' AND NOT {s["completed"]}
+            RETURNING {_completed_columns(s)}
+        )
+        SELECT (SELECT count(*) FROM settled WHERE NOT cancelled), (SELECT count(*) FROM killed),
+            ({_done_notice("killed", "%(done_channel)s")}),
+            (SELECT count(pg_notify(%(done_channel)s,
+                json_build_object('task_id', task_id, 'ended', true)::text))
+             FROM settled WHERE cancelled)
     """  # noqa: S608
 
 

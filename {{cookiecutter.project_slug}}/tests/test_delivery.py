@@ -13,7 +13,8 @@ from django.conf import settings
 from django.db import transaction
 
 from tasksignal import notify
-from tasksignal.models import CeleryTaskSignal
+from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.states import Outcome, RunState
 from tests import tasks
 from tests.conftest import database_url, wait_for, wait_until_completed, wait_until_running
 
@@ -131,6 +132,39 @@ def test_task_redelivered_after_its_worker_died_is_skipped_once_cancelled(make_w
         signal = wait_until_completed(signal, timeout=30)
     assert signal.outcome == "skipped", f"expected skipped on redelivery, got {signal.outcome}"
     assert marker.read_text().splitlines() == [result.id], "the body ran again after redelivery"
+
+
+def test_a_node_restarted_after_a_crash_settles_the_runs_it_left_running(make_worker, tmp_path):
+    marker = tmp_path / "started"
+    short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "3"}
+    crashed = make_worker(concurrency=2, hostname="crashy@%h", env=short_visibility)
+    cancelled, requeued = (
+        tasks.mark_started.apply_async((str(marker), 60), queue=crashed.queue),
+        tasks.mark_started.apply_async((str(marker), 1), queue=crashed.queue),
+    )
+    wait_for(
+        lambda: (
+            TaskRun.objects.filter(
+                task_id__in=[cancelled.id, requeued.id], state=RunState.RUNNING
+            ).count()
+            == 2
+        ),
+        15,
+        "both runs to be recorded running",
+    )
+    crashed.kill()
+    signal = CeleryTaskSignal.objects.cancel(cancelled.id)  # nobody listens: it stays pending
+    with make_worker(
+        concurrency=2, hostname=crashed.hostname, env=short_visibility, queue=crashed.queue
+    ):
+        signal = wait_until_completed(signal, timeout=15)
+        assert signal.outcome == Outcome.KILLED, f"the crash stopped it, not {signal.outcome}"
+        run = TaskRun.objects.get(task_id=cancelled.id)
+        assert run.state == RunState.CANCELLED, f"the cancelled run says {run.state}"
+        assert requeued.get(timeout=30) == "done", "the uncancelled run was not delivered again"
+    bodies = marker.read_text().splitlines()
+    assert bodies.count(cancelled.id) == 1, "the cancelled task's body ran again after the crash"
+    assert bodies.count(requeued.id) == 2, "the uncancelled task did not run again"
 
 
 def test_two_workers_with_different_hostnames_each_honour_cancels(make_worker):
