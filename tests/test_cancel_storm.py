@@ -180,3 +180,42 @@ def test_cancel_storm_honours_every_cancel_without_collateral(
         f"make loadtest exited {result.returncode} although every cancel was honoured "
         f"(failed requests?):\n{_failures(storm, '')}\n{output}"
     )
+
+
+#: The fault storm: long enough for each of its four faults to have a slice of its own.
+FAULT_RUN_SECONDS = 60
+
+
+@pytest.mark.timeout(900)
+def test_fault_storm_loses_nothing_while_the_node_redis_and_postgres_fail(
+    storm_project: tuple[Path, Path], record_property: Callable[[str, object], None]
+) -> None:
+    project, bin_dir = storm_project
+    environment = project_env(
+        bin_dir, REDIS_URL=redis_url(), CHAOS_DURATION=f"{FAULT_RUN_SECONDS}s"
+    )
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-f", "loadtest/loadtest.mk", "chaos"],
+        cwd=project,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
+    summary_path = project / "loadtest" / "reports" / "faults-summary.json"
+    assert summary_path.exists(), (
+        f"make chaos wrote no summary (exit {result.returncode}):\n{output}"
+    )
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    record_property("fault_storm", json.dumps(summary["faults"]))
+    print(f"\nfault storm:\n{output}")
+    assert sorted(summary["faults"]) == sorted(
+        ["node-kill", "node-freeze", "redis-restart", "postgres-restart"]
+    ), f"not every fault happened: {sorted(summary['faults'])}"
+    assert summary["failures"] == [], "the fault storm lost something:\n" + "\n".join(
+        summary["failures"]
+    )
+    assert result.returncode == 0, f"make chaos exited {result.returncode}:\n{output}"

@@ -36,7 +36,14 @@ LOADTEST_WEB_CONCURRENCY ?= 2
 LOADTEST_MAX_P99_MS ?= 100
 LOADTEST_REPORT_DIR ?= loadtest/reports
 
-.PHONY: loadtest
+.PHONY: loadtest chaos
+
+# The storm while its servers fail (loadtest/faults.py): servers of its own, every fault once.
+CHAOS_DURATION ?= 90s
+
+chaos: ## Cancel storm while the worker node, Redis and PostgreSQL fail (docs/loadtest.md)
+	CHAOS_DURATION='$(CHAOS_DURATION)' LOADTEST_REPORT_DIR='$(LOADTEST_REPORT_DIR)' \
+	$(LOADTEST_PYTHON) loadtest/faults.py
 
 loadtest: ## Cancel storm, then the revoke baseline, against a local web + worker (docs/loadtest.md)
 	LOADTEST_DURATION='$(LOADTEST_DURATION)' \

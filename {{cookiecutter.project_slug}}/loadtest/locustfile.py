@@ -45,6 +45,8 @@ from locust.util.timespan import parse_timespan
 logger = logging.getLogger("cancel_storm")
 RNG = random.Random()  # noqa: S311 - timings and seeds of a load test, nothing secret
 TASKS = "/api/tasks/"
+#: What the API answers while PostgreSQL or Redis is down (0: no HTTP answer at all).
+OUTAGE_ANSWERS = (0, 503)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ def add_options(parser) -> None:
     option("sibling-deadline", "SIBLING_DEADLINE", type=float, default=30.0, help="seconds")
     option("min-cancels", "MIN_CANCELS", type=int, default=0, help="run on until this many")
     option("min-duration", "DURATION", default="0s", help="...and at least this long (60s)")
+    option("faults", "FAULTS", type=int, default=0, help="1: servers fail during the run")
+    option("fault-deadline", "FAULT_DEADLINE", type=float, default=90.0, help="with faults")
+    option("flow-log", "FLOW_LOG", default="", help="write each flow as a JSON line here")
 
 
 class Storm:
@@ -103,18 +108,29 @@ class Storm:
         self.samples: list[int] = []
         self.next_gil = 0.0
         self.started = 0.0
+        self.flow_log = None
 
     def configure(self, options) -> None:
         """Read the parsed options (Locust's ``init`` event)."""
         self.options = options
         low, _, high = options.storm_cancel_after.partition("-")
         self.cancel_after = (float(low), float(high or low))
-        self.deadlines = verdict.Deadlines(
-            cancel_grace=options.storm_cancel_grace,
-            kill_after=options.storm_kill_after,
-            slack=options.storm_slack,
-            skip=options.storm_skip_deadline,
-        )
+        if options.storm_faults:
+            self.deadlines = verdict.Deadlines.during_faults(options.storm_fault_deadline)
+        else:
+            self.deadlines = verdict.Deadlines(
+                cancel_grace=options.storm_cancel_grace,
+                kill_after=options.storm_kill_after,
+                slack=options.storm_slack,
+                skip=options.storm_skip_deadline,
+            )
+        self.flow_log = open(options.storm_flow_log, "a") if options.storm_flow_log else None  # noqa: SIM115
+
+    def log_flow(self, **flow) -> None:
+        """One line of the flow log (wall-clock times, so faults can be laid over them)."""
+        if self.flow_log is not None:
+            self.flow_log.write(json.dumps(flow) + "\n")
+            self.flow_log.flush()
 
     def pick(self) -> Shape:
         """The next task to start: a gil_job when one is due, otherwise one by weight."""
@@ -163,14 +179,31 @@ class ApiUser(FastHttpUser):
                 data = {}
             if response.status_code in (200, 202):
                 response.success()
+            elif STORM.options.storm_faults and response.status_code in OUTAGE_ANSWERS:
+                # Expected while a server is down: counted apart, not a failure.
+                response.success()
+                fire(self.environment, "OUTAGE", str(response.status_code), 0)
             else:
                 response.failure(f"HTTP {response.status_code}: {str(data)[:200]}")
             return response.status_code, data if isinstance(data, dict) else {}
+
+    def call_through_outages(self, method: str, path: str, name: str, give_up: float) -> tuple:
+        """``call``, again every half second while the answer says a server is down (503, or
+        no answer) and ``give_up`` (monotonic) has not passed. Only for idempotent requests."""
+        while True:
+            status, data = self.call(method, path, name)
+            if status not in OUTAGE_ANSWERS or time.monotonic() >= give_up:
+                return status, data
+            gevent.sleep(0.5)
 
     def start_task(self, shape: Shape | None, task_name: str, kwargs: dict) -> str | None:
         """Start a task; return its id, or ``None`` if the API refused it."""
         body = {"task": task_name, "kwargs": kwargs}
         status, data = self.call("POST", TASKS, "POST /api/tasks/", body)
+        # A 503 refused the task (its record was removed), so trying again starts it once.
+        while STORM.options.storm_faults and status == 503:
+            gevent.sleep(0.5)
+            status, data = self.call("POST", TASKS, "POST /api/tasks/", body)
         if status != 202 or not data.get("id"):
             return None
         STORM.in_flight[data["id"]] = shape
@@ -197,17 +230,36 @@ class CancelStormUser(ApiUser):
         STORM.in_flight.pop(task_id, None)
 
     def cancel_and_wait(self, task_id: str, shape: Shape, sent: float) -> None:
-        """Cancel and wait for the stop in the same request: two requests per flow."""
+        """Cancel and wait for the stop in the same request: two requests per flow (more
+        only when a server is down and the answer has to be asked for again)."""
         wait = STORM.deadlines.longest(shape.step)
+        give_up = sent + wait
         fire(self.environment, "STORM", "cancelled", 0)
-        status, answer = self.call(
-            "POST", f"{TASKS}{task_id}/cancel/?wait={wait:g}", "POST /api/tasks/[id]/cancel/"
+        status, answer = self.call_through_outages(
+            "POST",
+            f"{TASKS}{task_id}/cancel/?wait={wait:g}",
+            "POST /api/tasks/[id]/cancel/",
+            give_up,
         )
+        while STORM.options.storm_faults and status in (200, 202, *OUTAGE_ANSWERS):
+            if answer.get("completed") or answer.get("finished") or time.monotonic() >= give_up:
+                break
+            left = max(give_up - time.monotonic(), 0.1)
+            status, answer = self.call_through_outages(
+                "GET", f"{TASKS}{task_id}/?wait={left:.1f}", "GET /api/tasks/[id]/", give_up
+            )
+        seen = time.time()
         if status not in (200, 202):
-            error = Unhonoured(f"{shape.task} {task_id}: the cancel failed, HTTP {status}")
-            fire(self.environment, "STORM", "unhonoured", 0, error)
-            return
-        honoured, reason = verdict.judge_cancel(shape.step, answer, STORM.deadlines)
+            honoured, reason = False, f"the cancel failed, HTTP {status}"
+        else:
+            honoured, reason = verdict.judge_cancel(
+                shape.step, answer, STORM.deadlines, any_step=bool(STORM.options.storm_faults)
+            )
+        STORM.log_flow(
+            kind="cancel", task_id=task_id, task=shape.task, cancelled=time.time() - (
+                time.monotonic() - sent
+            ), seen=seen, honoured=honoured, outcome=answer.get("outcome"), reason=reason,
+        )  # fmt: skip
         if honoured:
             fire(self.environment, "CANCEL", answer["outcome"], float(answer["latency_ms"]))
             fire(self.environment, "STORM", "honoured", (time.monotonic() - sent) * 1000)
@@ -253,11 +305,25 @@ class SiblingUser(ApiUser):
         task_id = self.start_task(None, "demo.tasks.sibling_job", kwargs)
         if task_id is None:
             return
-        wait = STORM.options.storm_sibling_deadline
-        _, answer = self.call("GET", f"{TASKS}{task_id}/?wait={wait:g}", "GET /api/tasks/[id]/")
+        faults = STORM.options.storm_faults
+        wait = (
+            STORM.options.storm_fault_deadline if faults else STORM.options.storm_sibling_deadline
+        )
+        give_up = started + wait
+        path = f"{TASKS}{task_id}/?wait={wait:g}"
+        _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
+        # A sibling on a node that was killed comes back when the broker delivers it again.
+        while faults and not answer.get("finished") and time.monotonic() < give_up:
+            left = max(give_up - time.monotonic(), 0.1)
+            path = f"{TASKS}{task_id}/?wait={left:.1f}"
+            _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
         STORM.in_flight.pop(task_id, None)
         ok, reason = verdict.judge_sibling(seed * 2 + steps, answer)
         elapsed = (time.monotonic() - started) * 1000
+        STORM.log_flow(
+            kind="sibling", task_id=task_id, started=time.time() - elapsed / 1000,
+            seen=time.time(), honoured=ok, reason=reason,
+        )  # fmt: skip
         if ok:
             fire(self.environment, "SIBLING", "ok", elapsed)
         else:
@@ -393,6 +459,9 @@ def summarise(environment: Environment, elapsed: float) -> dict[str, Any]:
         "siblings_cutoff": _count(environment, "SIBLING", "cutoff"),
         "http_requests": requests,
         "http_failures": sum(entry.num_failures for entry in http),
+        "outage_answers": sum(
+            entry.num_requests for (_, kind), entry in stats.entries.items() if kind == "OUTAGE"
+        ),
     }
     honoured_entry = _entry(environment, "STORM", "honoured")
     failures = [

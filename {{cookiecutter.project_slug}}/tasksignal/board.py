@@ -99,8 +99,18 @@ IDENT_FIELDS = ("pid", "thread_ident", "run_state", "backend_pid", "started", "s
 #: this would only be overwritten unread.
 POLL_INTERVAL = 0.25
 
-#: How long a reader spins on a half that its writer is busy with, at most.
-TORN_READ_RETRIES = 1000
+#: How many times a reader looks again at a half that its writer is busy with: it spins
+#: at first, then yields its CPU between looks (:func:`_wait_for_writer`), so that a writer
+#: descheduled halfway through a write (64 processes on two CPUs) gets about 50 ms to
+#: finish; a writer that never finishes (frozen, killed) fails the read after that.
+TORN_READ_RETRIES = 300
+_SPINS = 200
+
+
+def _wait_for_writer(attempt: int) -> None:
+    """Between two looks at a half being written: nothing at first, then a short sleep."""
+    if attempt >= _SPINS:
+        time.sleep(0.0005)
 
 
 class BoardFull(RuntimeError):
@@ -409,10 +419,11 @@ class Mailbox:
     def read_signals(self) -> tuple[int, list[dict]]:
         """``(attention, signals)``: the node half's current signal list, read consistently."""
         base = self._base
-        for _ in range(TORN_READ_RETRIES):
+        for attempt in range(TORN_READ_RETRIES):
             attention = self.view[base + ATTENTION_AT]
             _, seq, _, _, length = NODE.unpack_from(self._map, base + NODE_AT)
             if seq % 2:
+                _wait_for_writer(attempt)
                 continue
             data = bytes(self.view[base + SIGNALS_AT : base + SIGNALS_AT + length])
             if NODE.unpack_from(self._map, base + NODE_AT)[1] == seq:
@@ -500,9 +511,10 @@ class Mailbox:
 
 def _read_run(view: memoryview, file_map: mmap.mmap, base: int) -> RunReport:
     at = base + RUN_AT
-    for _ in range(TORN_READ_RETRIES):
+    for attempt in range(TORN_READ_RETRIES):
         (seq,) = SEQ.unpack_from(file_map, at)
         if seq % 2:
+            _wait_for_writer(attempt)
             continue
         pid, thread_ident, run_state, backend_pid, started, stop = IDENT.unpack_from(
             file_map, base + IDENT_AT

@@ -69,7 +69,8 @@ from django.db import connections
 from psycopg import sql as psql
 
 from tasksignal import board as boards
-from tasksignal import conf, notify, sql
+from tasksignal import broker, conf, notify, sql
+from tasksignal.broker import guard_closed_channels
 from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.runtime import BOARD_VARIABLE, INTERRUPT_SIGNAL
@@ -212,6 +213,9 @@ class Node:
         self._tracked: dict[str, Tracked] = {}
         self._listening: set[str] = set()
         self._to_unlisten: set[str] = set()
+        # Ended runs keep their channel one more UNLISTEN batch: a signal sent just after
+        # the end is still heard and settled too_late instead of staying pending.
+        self._unlisten_later: set[str] = set()
         self._woken: set[int] = set()
         self._completions: dict[tuple[str, str, str], list] = {}
         self._ended: list[str] = []
@@ -410,9 +414,11 @@ class Node:
         self._expire_questions(time.monotonic())
         reserved = worker_state.reserved_requests
         for task_id, admission in list(self._admitted.items()):
-            # Celery drops a request from its reserved set when it ends; a failure or a
-            # stop would have come through on_failure first, so this run succeeded.
-            if admission.request not in reserved:
+            # Celery drops a request from its reserved set when it ends (a failure or a
+            # stop came through on_failure first, so this run succeeded), and also, on a
+            # broker reconnection, every request that had not started: not an end.
+            request = admission.request
+            if request not in reserved and request.time_start is not None:
                 self._end(task_id, RunState.SUCCEEDED)
         for task_id, observed in list(self._observed.items()):
             request = observed.request
@@ -504,9 +510,11 @@ class Node:
             woken, self._woken = self._woken, set()
             self._poll_mailboxes([t for t in self._tracked.values() if t.index in woken])
         self._escalate(now)
-        if self._to_unlisten and now >= self._next["unlisten"]:
+        if (self._to_unlisten or self._unlisten_later) and now >= self._next["unlisten"]:
             self._next["unlisten"] = now + UNLISTEN_INTERVAL
-            self._execute("; ".join(self._unlisten_statements()))
+            if self._to_unlisten:
+                self._execute("; ".join(self._unlisten_statements()))
+            self._to_unlisten, self._unlisten_later = self._unlisten_later, set()
         if self._tracked and soon >= self._next["reconcile"]:
             self._next["reconcile"] = now + self.reconcile_interval
             self._deliver_rows(self._execute(sql.pending_signals_of(), [list(self._tracked)]))
@@ -529,7 +537,7 @@ class Node:
             deadlines += [self._next["reconcile"], self._next["poll"]]
         if self._records or self._ended:
             deadlines.append(self._next["flush"])
-        if self._to_unlisten:
+        if self._to_unlisten or self._unlisten_later:
             deadlines.append(self._next["unlisten"])
         for tracked in self._tracked.values():
             deadlines += [d for d in (tracked.interrupt_at, tracked.kill_at) if d is not None]
@@ -582,6 +590,7 @@ class Node:
             self._recover_orphans()
         # A new session listens to nothing and may have missed notifications.
         self._to_unlisten.clear()
+        self._unlisten_later.clear()
         self._listening = set(self._tracked)
         if self._tracked:
             self._execute("; ".join(f"LISTEN {self._channel(t)}" for t in self._tracked))
@@ -589,7 +598,8 @@ class Node:
 
     def _recover_orphans(self) -> None:
         """Once per node, first thing: settle the runs an earlier life of this node left
-        ``running`` (it was killed); see :func:`sql.recover_orphans`."""
+        ``running`` (it was killed; see :func:`sql.recover_orphans`), and give their
+        messages back to the queue at once rather than after the visibility timeout."""
         ((requeued, killed, _, _),) = self._execute(
             sql.recover_orphans(),
             {
@@ -599,11 +609,13 @@ class Node:
             },
         )
         self._recovered = True
+        requeued = requeued or []
         if requeued or killed:
+            restored = broker.restore_unacknowledged(self.worker.app, set(requeued))
             logger.warning(
                 "tasksignal node %s found %d runs of its earlier life: %d cancels completed "
-                "killed, %d back to queued until the broker delivers them again",
-                self.hostname, requeued + killed, killed, requeued,
+                "killed, %d back to queued (%d of their messages given back to the queue)",
+                self.hostname, len(requeued) + killed, killed, len(requeued), restored,
             )  # fmt: skip
 
     def _disconnect(self) -> None:
@@ -704,7 +716,7 @@ class Node:
     def _on_ended(self, task_id, task_name, state, error) -> None:
         tracked = self._tracked.pop(task_id, None) or Tracked(task_id, task_name, None)
         if task_id in self._listening:
-            self._to_unlisten.add(task_id)
+            self._unlisten_later.add(task_id)
         self._ended.append(task_id)
         now = datetime.datetime.now(datetime.UTC)
         self._record(tracked, state=state, finished_at=now, error=error)
@@ -735,6 +747,8 @@ class Node:
             if tracked is not None:
                 payload["age"] = 0.0
                 self._deliver(tracked, payload)
+            elif payload["task_id"] in self._listening:  # it ended a moment ago
+                self._ended.append(payload["task_id"])  # the next write settles it too_late
 
     def _deliver_rows(self, rows) -> None:
         for row_id, task_id, kind, message, age in rows:
@@ -1002,6 +1016,7 @@ class NodeStep(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         """Start the node's thread and the main thread's tick."""
+        guard_closed_channels()
         self.node.start(worker)
         self.tref = worker.timer.call_repeatedly(MAIN_TICK, self.node.main_tick)
 

@@ -153,8 +153,8 @@ def recover_orphans() -> str:
     the frozen earlier life itself, still runs them.
 
     Parameters by name: ``worker`` (the node's name), ``application`` (its sessions'
-    ``application_name``), ``done_channel``. One row: the number of runs requeued and of
-    cancels completed.
+    ``application_name``), ``done_channel``. One row: the task ids of the runs requeued
+    (or NULL) and the number of cancels completed.
     """
     n, s = _run_names(), _signal_names()
     cancelled, queued = RunState.CANCELLED, RunState.QUEUED
@@ -188,7 +188,8 @@ def recover_orphans() -> str:
                 AND {s["signal"]} = '{CANCEL_TASK}' AND NOT {s["completed"]}
             RETURNING {_completed_columns(s)}
         )
-        SELECT (SELECT count(*) FROM settled WHERE NOT cancelled), (SELECT count(*) FROM killed),
+        SELECT (SELECT array_agg(task_id) FROM settled WHERE NOT cancelled),
+            (SELECT count(*) FROM killed),
             ({_done_notice("killed", "%(done_channel)s")}),
             (SELECT count(pg_notify(%(done_channel)s,
                 json_build_object('task_id', task_id, 'ended', true)::text))

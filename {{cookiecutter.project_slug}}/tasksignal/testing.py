@@ -13,15 +13,24 @@ Each is started through its ``bin/`` script (the same one production, the Procfi
 compose run), in its own process group, and stopped the way a platform stops it
 (SIGTERM: a warm shutdown); whatever is still alive after ``stop_timeout`` is killed with
 its whole group, so a test never leaves orphans behind.
+
+Servers of a test's own, for tests that stop and restart them (never the shared ones)::
+
+    with RedisServer(tmp_path) as redis_server, PostgresServer() as postgres:
+        redis_server.restart(down_for=2.0)
+        postgres.restart(down_for=2.0)
 """
 
 import contextlib
 import ctypes
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -235,6 +244,161 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class ThrowawayServer:
+    """A server of the caller's own on a spare loopback port, removed when it stops.
+
+    ``restart(down_for)`` stops it, keeps it down that long and starts it again on the
+    same port with the same data: what a crash-and-restart looks like to its clients.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = Path(folder)
+
+    def start(self):
+        """Start the server and wait until it answers; return ``self``."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the server (its data stays until :meth:`remove`)."""
+        raise NotImplementedError
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop, stay down ``down_for`` seconds, start again."""
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def remove(self) -> None:
+        """Stop if running and delete the server's data."""
+        with contextlib.suppress(Exception):
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+class RedisServer(ThrowawayServer):
+    """A private ``redis-server``; ``persistent`` keeps an append-only file across restarts
+    (as a production Redis does), otherwise a restart loses everything (as ``--save ""``)."""
+
+    def __init__(self, folder: Path, *, persistent: bool = False) -> None:
+        super().__init__(Path(folder) / "redis")
+        self.persistent = persistent
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self):
+        """Start ``redis-server`` and wait until it answers PING."""
+        import redis
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.persistent else "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within 10 s")
+
+    def stop(self) -> None:
+        """SIGTERM (Redis flushes its append-only file first), SIGKILL after 10 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+class PostgresServer(ThrowawayServer):
+    """A throwaway PostgreSQL cluster (``initdb``, ``pg_ctl``), trust authentication, user
+    ``postgres``; run as the ``postgres`` system user when this process is root (the server
+    refuses to run as root). ``url`` is the ``postgres`` database's.
+
+    Its data lives in a folder of its own under the system's temporary folder (which the
+    ``postgres`` user can reach, unlike a test's private ``tmp_path``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="tasksignal-postgres-")))
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+        self._bin = _postgres_bin()
+        self._initialised = False
+
+    def _run(self, *command: str) -> None:
+        prefix = ("runuser", "-u", "postgres", "--") if os.geteuid() == 0 else ()
+        subprocess.run(
+            [*prefix, *command], check=True, capture_output=True, text=True, cwd=self.folder
+        )
+
+    def start(self):
+        """``initdb`` (the first time) and ``pg_ctl start``; wait until it accepts sessions."""
+        if not self._initialised:
+            if os.geteuid() == 0:
+                shutil.chown(self.folder, "postgres", "postgres")
+            self._run(
+                f"{self._bin}/initdb", "-D", str(self.folder / "data"), "-U", "postgres",
+                "--auth=trust", "--no-sync", "-E", "UTF8",
+            )  # fmt: skip
+            self._initialised = True
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off "
+            "-c max_connections=200"
+        )
+        self._run(
+            f"{self._bin}/pg_ctl", "-D", str(self.folder / "data"), "-o", options,
+            "-l", str(self.folder / "server.log"), "-w", "-t", "30", "start",
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        """``pg_ctl stop -m fast``: sessions are cut, as in a restart."""
+        if self._initialised:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._run(
+                    f"{self._bin}/pg_ctl", "-D", str(self.folder / "data"), "-m", "fast",
+                    "-w", "stop",
+                )  # fmt: skip
+
+
+def _postgres_bin() -> str:
+    """The folder of ``initdb`` and ``pg_ctl``: on PATH, or Debian's newest version."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return str(Path(found).parent)
+    versions = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4])
+    )
+    if not versions:
+        raise RuntimeError("no pg_ctl here (Debian: apt-get install postgresql)")
+    return str(Path(versions[-1]).parent)
 
 
 def running_pid(task_id: str) -> int | None:
