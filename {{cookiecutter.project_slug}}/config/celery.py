@@ -13,6 +13,7 @@ from celery.signals import (
     heartbeat_sent,
     task_postrun,
     task_prerun,
+    worker_init,
 )
 
 from tasksignal.node import NodeStep
@@ -24,6 +25,14 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # In each worker's main process: delivers signals to the pool, escalates, records runs.
 app.steps["worker"].add(NodeStep)
+
+
+@worker_init.connect
+def retry_result_writes(sender=None, **_kwargs) -> None:
+    """In a worker, keep trying to store a result while Redis is away (see the settings),
+    so a task that ran does not end FAILURE for a Redis restart; the web answers 503 at
+    once instead."""
+    sender.app.conf.result_backend_always_retry = True
 
 
 @task_prerun.connect

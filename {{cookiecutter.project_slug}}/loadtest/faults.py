@@ -309,8 +309,15 @@ def main() -> int:
     run_id = secrets.token_hex(4)
     from tasksignal.testing import PostgresServer, RedisServer
 
-    scratch = Path(tempfile.mkdtemp(prefix="tasksignal-chaos-"))
-    with RedisServer(scratch, persistent=True) as redis_server, PostgresServer() as postgres:
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)  # so the servers are removed
+
+    signal.signal(signal.SIGTERM, on_signal)
+    with (
+        tempfile.TemporaryDirectory(prefix="tasksignal-chaos-") as scratch,
+        RedisServer(Path(scratch), persistent=True) as redis_server,
+        PostgresServer() as postgres,
+    ):
         run.say(f"own servers: Redis :{redis_server.port}, PostgreSQL :{postgres.port}")
         os.environ.pop("LOADTEST_DATABASE_URL", None)  # never the shared server
         os.environ.update(
@@ -320,6 +327,8 @@ def main() -> int:
                 "CELERY_BROKER_URL": redis_server.url,
                 "CELERY_RESULT_BACKEND": redis_server.url,
                 "CELERY_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+                "CELERY_UNACKED_RESTORE_INTERVAL": "2",
+                "CELERY_UNACKED_RESTORE_THROTTLE": "1",
             }
         )
         env = environ.Env()

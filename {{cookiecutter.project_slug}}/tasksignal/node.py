@@ -429,7 +429,8 @@ class Node:
                     "observed", task_id, request.name, request.worker_pid, started, None,
                     urgent=False,
                 )  # fmt: skip
-            if request not in reserved:
+            # As above: a reconnection also empties the reserved set of unstarted requests.
+            if request not in reserved and request.time_start is not None:
                 del self._observed[task_id]
                 backend = request.task.backend
                 self._push("observed", task_id, request.name, None, None, backend, urgent=False)

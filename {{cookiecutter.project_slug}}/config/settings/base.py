@@ -126,8 +126,17 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # on the same database with a shorter visibility timeout would redeliver ours while
     # they run. A key prefix gives this service its own.
     "global_keyprefix": env("CELERY_BROKER_KEY_PREFIX", default=f"{PROJECT_SLUG}:"),
+    # Once the visibility timeout has passed, kombu looks for messages to restore every
+    # interval x throttle seconds (100 by default); make chaos looks every 2 s.
+    "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", default=10),
+    "unacked_restore_throttle": env.int("CELERY_UNACKED_RESTORE_THROTTLE", default=10),
 }
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=24 * 3600)
+# In the worker only (config/celery.py turns it on there), a task that ends while Redis is
+# away must not end FAILURE because its result could not be stored: the backend tries again
+# (10 ms, doubling, at most 2 s apart) for about a minute. Web requests answer 503 at once.
+CELERY_RESULT_BACKEND_MAX_RETRIES = env.int("CELERY_RESULT_BACKEND_MAX_RETRIES", default=40)
+CELERY_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES_MS = 2000
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Let Django's LOGGING configure the worker's loggers instead of Celery taking the root logger.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
