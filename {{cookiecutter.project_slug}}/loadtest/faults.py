@@ -34,6 +34,7 @@ Settings: ``CHAOS_DURATION`` [90s], ``CHAOS_USERS`` [24], ``CHAOS_SIBLING_USERS`
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -51,6 +52,7 @@ from typing import Any
 
 import environ
 import run
+import verdict
 
 FAULTS = ("node-kill", "node-freeze", "redis-restart", "postgres-restart")
 
@@ -277,15 +279,11 @@ def failures_of(summary: dict) -> list[str]:
     storm, found = summary.get("storm"), summary["audit"]
     if storm is None:
         return ["the storm wrote no summary"]
-    counts, reasons = storm["counts"], []
-    if counts["unhonoured"]:
-        reasons.append(f"{counts['unhonoured']} cancels not honoured")
-    if counts["siblings_failed"]:
-        reasons.append(f"{counts['siblings_failed']} sibling tasks harmed or lost")
+    counts = storm["counts"]
+    # The plain storm's judgement, latency aside: an outage is in it.
+    reasons = verdict.gate(counts, {}, math.inf)
     if counts["http_failures"]:
         reasons.append(f"{counts['http_failures']} API answers neither 2xx nor 503")
-    if not counts["honoured"]:
-        reasons.append("no cancel was honoured at all")
     for key in ("signals_pending", "signals_completed_without_outcome", "runs_left_live"):
         if found.get(key) != 0:
             reasons.append(f"audit: {key} = {found.get(key, found.get('error'))}")
