@@ -8,6 +8,7 @@ task                   what it does                                a cancel ends
 ``sleepy_job``         one long ``time.sleep``                      ``interrupted``
 ``wait_for_io_job``    blocks reading a socket nobody writes to    ``interrupted``
 ``gil_job``            C code holding the GIL (``sum(range(n))``)  ``killed``
+``plain_gil_job``      the same, not signal-aware                  (Celery's revoke only)
 ``write_records``      inserts rows inside one transaction         ``cooperative``, rollback
 ``sibling_job``        never cancelled; its result is checkable    (collateral check)
 =====================  ==========================================  =====================
@@ -72,6 +73,12 @@ def wait_for_io_job(self, seconds: float = 60.0) -> str:
 @shared_task(base=SignalAwareTask, bind=True, kill_after=3.0)
 def gil_job(self, n: int = 10**11) -> int:
     """Run C code that holds the GIL: no thread of this process runs until it returns."""
+    return sum(range(n))
+
+
+@shared_task
+def plain_gil_job(n: int = 10**11) -> int:
+    """``gil_job`` without tasksignal: what Celery's own ``revoke(terminate=True)`` faces."""
     return sum(range(n))
 
 
