@@ -10,6 +10,7 @@ when every line is as it should be.
 """
 
 import os
+import signal
 import time
 import uuid
 
@@ -64,12 +65,13 @@ class Command(BaseCommand):
         rows, wrong = [], []
         for name, result, step in started:
             self._wait_running(result, name)
-            signal = CeleryTaskSignal.objects.cancel(result.id, message="make demo")
-            signal = self._wait_completed(signal, name)
-            latency_ms = (signal.completed_at - signal.created).total_seconds() * 1000
+            cancel = self._wait_completed(
+                CeleryTaskSignal.objects.cancel(result.id, message="make demo"), name
+            )
+            latency_ms = (cancel.completed_at - cancel.created).total_seconds() * 1000
             state = self._wait_state(result)
             reason = str(result.result) if state == "REVOKED" else state
-            if signal.outcome == Outcome.KILLED:
+            if cancel.outcome == Outcome.KILLED:
                 cleanup = "none in-process (killed)"
             else:
                 cleanup = "failed" if "cleanup failed" in reason else "ran"
@@ -77,9 +79,9 @@ class Command(BaseCommand):
                 left = DemoRecord.objects.filter(batch=BATCH).count()
                 cleanup += f", {left} rows left"
                 cleanup = "failed" if left else cleanup
-            ok = signal.outcome == step and cleanup != "failed" and state == "REVOKED"
+            ok = cancel.outcome == step and cleanup != "failed" and state == "REVOKED"
             verdict = "ok" if ok else "WRONG"
-            rows.append((name, signal.outcome, f"{latency_ms:,.0f} ms", cleanup, verdict))
+            rows.append((name, cancel.outcome, f"{latency_ms:,.0f} ms", cleanup, verdict))
             if not ok:
                 wrong.append(name)
         value = sibling.get(timeout=60)
@@ -114,8 +116,11 @@ class Command(BaseCommand):
                 else "is gone"
             )
         )
-        # Leave nothing running: SIGKILL is what it takes, to whatever that process runs now.
-        current_app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+        # Celery considers it done and will not signal it again; only SIGKILL to the pid
+        # stops it (the pool then replaces the process). Leave nothing running.
+        if still:
+            os.kill(pid, signal.SIGKILL)
+            self.stdout.write(f"only SIGKILL to pid {pid} stops it; the pool starts another")
         return result.state == "REVOKED"
 
     def _wait_state(self, result, timeout: float = 5) -> str:
