@@ -1,8 +1,8 @@
 """The durable side of task signalling: signal rows and the record of task runs."""
 
 from django.conf import settings
-from django.db import connections, models
 from django.contrib.postgres.expressions import ArraySubquery
+from django.db import connections, models
 from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Now
 
@@ -123,7 +123,9 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         """Send ``signal`` to each of ``task_ids``; return the pending rows, one per task.
 
         ``options`` are :meth:`send`'s keywords (``source``)."""
-        return [self.send(task_id, signal, message, requested_by, **options) for task_id in task_ids]
+        return [
+            self.send(task_id, signal, message, requested_by, **options) for task_id in task_ids
+        ]
 
     def cancel(self, task_id: str, message: str = "", requested_by=None, **options):
         """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder."""

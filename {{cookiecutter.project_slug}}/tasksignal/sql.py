@@ -74,8 +74,9 @@ def insert_signal() -> str:
     """Insert a signal unless one of its kind is pending, and announce it.
 
     Parameters by name: ``task_id``, ``signal``, ``message``, ``requested_by``, ``source``
-    (a ``states.Source``), ``channel`` (the task's signal channel) and ``too_late`` (true: the task has finished, so the row
-    is written completed ``too_late`` and nobody is told). Returns the new row's ``id,
+    (a ``states.Source``), ``channel`` (the task's signal channel) and ``too_late`` (true:
+    the task has finished, so the row is written completed ``too_late`` and nobody is
+    told). Returns the new row's ``id,
     created, modified, completed, completed_at``, or no row when one was pending.
     ``pg_notify`` runs in the same statement, so the notice is sent exactly when (and if)
     the row commits.
