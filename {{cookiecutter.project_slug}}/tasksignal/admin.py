@@ -145,7 +145,7 @@ class TaskRunAdmin(SignalSendingAdmin):
     """The operator's list of runs, their pages, and the buttons that signal them."""
 
     list_display = [
-        "task_name",
+        "task_display",
         "task_id",
         "state_display",
         "progress_display",
@@ -230,9 +230,11 @@ class TaskRunAdmin(SignalSendingAdmin):
         return super().get_queryset(request).with_signal_facts()
 
     def get_list_display(self, request):
-        if self.has_signal_permission(request):
-            return [*self.list_display, "row_actions"]
-        return self.list_display
+        if not self.has_signal_permission(request):
+            return self.list_display
+        # The buttons beside the state they act on, where a narrow screen still shows them.
+        at = self.list_display.index("state_display") + 1
+        return [*self.list_display[:at], "row_actions", *self.list_display[at:]]
 
     def get_urls(self):
         info = self.opts.app_label, self.opts.model_name
@@ -322,6 +324,13 @@ class TaskRunAdmin(SignalSendingAdmin):
         self.message_user(request, message, messages.SUCCESS if deleted else messages.WARNING)
 
     # -- cells (the list's columns and the run page's fields) ------------------------------
+    @admin.display(description="Task", ordering="task_name")
+    def task_display(self, run: TaskRun) -> str:
+        """The task's name, which may wrap after each dot of its dotted path."""
+        return format_html_join(
+            mark_safe(".<wbr>"), "{}", ((part,) for part in run.task_name.split("."))
+        )
+
     @admin.display(description="State", ordering="state")
     def state_display(self, run: TaskRun) -> str:
         """The state, the cancel's outcome once there is one, and what is pending."""

@@ -86,10 +86,16 @@ class CancelOutcomeFilter(admin.SimpleListFilter):
     PENDING = "pending"
     NONE = "none"
 
+    HINTS = {
+        Outcome.SKIPPED: "skipped (never started)",
+        Outcome.COOPERATIVE: "cooperative (at a checkpoint)",
+        Outcome.INTERRUPTED: "interrupted (no checkpoint in time)",
+        Outcome.KILLED: "killed (its process)",
+    }
+
     def lookups(self, request, model_admin):
-        """The four rungs (cooperative, interrupted, killed, skipped), pending, none."""
-        labels = dict(Outcome.CHOICES)
-        rungs = [(rung, f"{rung} ({labels[rung].lower()})") for rung in Outcome.LADDER]
+        """The four rungs of the ladder, a cancel pending, and never cancelled."""
+        rungs = [(rung, self.HINTS.get(rung, rung)) for rung in Outcome.LADDER]
         return [*rungs, (self.PENDING, "cancel pending"), (self.NONE, "never cancelled")]
 
     def queryset(self, request, queryset):

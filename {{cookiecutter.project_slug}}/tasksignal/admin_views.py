@@ -101,7 +101,8 @@ def live_view(model_admin):
         runs = model_admin.get_queryset(request).filter(pk__in=ids) if ids else []
         answer = {
             str(run.pk): {
-                "live": not run.finished or bool(run.pending_signals),
+                # Until the worker's record says it ended too (it may lag the outcome).
+                "live": run.state not in RunState.FINISHED or bool(run.pending_signals),
                 "cells": live_cells(model_admin, request, run, detail),
             }
             for run in runs

@@ -312,11 +312,6 @@ class TaskRun(models.Model):
         return min(1.0, self.progress_current / self.progress_total)
 
     @property
-    def finished(self) -> bool:
-        """Whether nothing more happens to this run (by its record or by its cancel)."""
-        return self.shown_state in RunState.FINISHED
-
-    @property
     def shown_state(self) -> str:
         """The state to show a person: ``cancelled`` as soon as a cancel stopped the run.
 
