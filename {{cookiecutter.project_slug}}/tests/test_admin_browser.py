@@ -140,9 +140,7 @@ def wait_for_progress_beyond(row, value: float, what: str) -> float:
     return wait_for(lambda: (now := progress_of(row)) > value and now, 15, what, interval=0.2)
 
 
-def test_an_operator_starts_a_job_watches_it_and_cancels_it_without_a_reload(
-    page, web, artifacts
-):
+def test_an_operator_starts_a_job_watches_it_and_cancels_it_without_a_reload(page, web, artifacts):
     from playwright.sync_api import expect
 
     task_id = start_job(page, web)
