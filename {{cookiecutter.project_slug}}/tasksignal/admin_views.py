@@ -202,7 +202,7 @@ def cancel_matching_view(model_admin):
 def start_view(model_admin):
     """``start/``: start one of ``TASKSIGNAL_STARTABLE_TASKS`` with JSON kwargs, recorded
     as the API records it (a ``queued`` run first), then show its page."""
-    from tasksignal.api import ApiError, start_recorded
+    from tasksignal.api import REDIS_ERRORS, REDIS_UNAVAILABLE, ApiError, start_recorded
 
     def view(request):
         if not model_admin.has_start_permission(request):
@@ -214,6 +214,8 @@ def start_view(model_admin):
                 task_id = start_recorded(name, kwargs)
             except ApiError as exc:
                 form.add_error(None, exc.message)
+            except REDIS_ERRORS:
+                form.add_error(None, REDIS_UNAVAILABLE)
             else:
                 model_admin.message_user(request, f"Started {name} as {task_id}.", messages.SUCCESS)
                 run = TaskRun.objects.get(task_id=task_id)

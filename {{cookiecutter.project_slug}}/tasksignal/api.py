@@ -482,7 +482,7 @@ def start_recorded(name: str, kwargs: dict) -> str:
     try:
         with transaction.atomic():
             TaskRun.objects.create(
-                task_id=task_id, task_name=name, state=RunState.QUEUED, kwargs=kwargs
+                task_id=task_id, task_name=name, state=RunState.QUEUED, kwargs=_kept_kwargs(kwargs)
             )
             transaction.on_commit(
                 lambda: current_app.send_task(
@@ -496,6 +496,17 @@ def start_recorded(name: str, kwargs: dict) -> str:
         TaskRun.objects.filter(task_id=task_id, state=RunState.QUEUED).delete()
         raise ApiError(503, REDIS_UNAVAILABLE) from None
     return task_id
+
+
+def _kept_kwargs(kwargs: dict) -> dict | None:
+    """``kwargs`` to keep on the run record, or ``None`` when PostgreSQL's ``jsonb`` cannot
+    store them: a NUL character or a lone surrogate (the task itself may well take them)."""
+    text = json.dumps(kwargs, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return None if "\\u0000" in text else kwargs
 
 
 def _ping_result_backend() -> None:

@@ -531,6 +531,15 @@ def test_start_refuses_kwargs_that_are_not_a_json_object_the_task_takes(
     assert not TaskRun.objects.exists(), "a run was recorded for invalid kwargs"
 
 
+@pytest.mark.parametrize("value", ["nul\x00inside", "lone \udc00 surrogate"])
+def test_kwargs_postgresql_cannot_store_are_not_kept_but_the_task_still_starts(value):
+    from tasksignal.api import start_recorded
+
+    task_id = start_recorded("tests.tasks.echo", {"value": value})
+    run = TaskRun.objects.get(task_id=task_id)
+    assert run.kwargs is None, f"kept {run.kwargs!r}"
+
+
 def test_start_offers_only_the_startable_tasks(admin_client, settings):
     settings.TASKSIGNAL_STARTABLE_TASKS = ["tests.tasks.echo"]
     html = admin_client.get(reverse(START)).content.decode()
