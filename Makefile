@@ -1,5 +1,5 @@
 # The template's own tasks. `make test` is what CI runs (.ci/run).
-#   make test        service check, then every template test (bakes, hooks, end-to-end)
+#   make test        service check (and Chromium), then every template test (bakes, hooks, e2e)
 #   make test-fast   the same without the end-to-end tests (no project installs, ~1 min)
 #   make test-compose  only the compose test: the default bake's stack on a real Docker engine
 #   make docker-engine install the engine and plugins, build the base images, stop (warms caches)
@@ -10,7 +10,8 @@
 # Variables: PYTHON (interpreter for .venv), PYTEST_ARGS (extra pytest arguments),
 # DATABASE_URL and REDIS_URL (servers to test against; defaults in scripts/baked.py),
 # TASKSIGNAL_DOCKER_HOST (use that engine, e.g. unix:///var/run/docker.sock, not our own),
-# TASKSIGNAL_DOCKER_CACHE (where our engine keeps its data; ~/.cache/tasksignal-template/docker).
+# TASKSIGNAL_DOCKER_CACHE (where our engine keeps its data; ~/.cache/tasksignal-template/docker),
+# TASKSIGNAL_CHROMIUM (the browser the baked project's admin tests drive; /usr/bin/chromium).
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,12 +22,14 @@ PYTEST_ARGS ?=
 # run on the same machine could delete a running suite's bakes; keep ours in the checkout.
 BASETEMP := $(CURDIR)/.pytest-tmp
 PYTEST := $(BIN)/python -m pytest --basetemp=$(BASETEMP)
+# The baked project's browser tests drive Debian's Chromium (never Playwright's download).
+export TASKSIGNAL_CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: help test test-fast test-compose docker-engine docker-engine-clean lint format demo \
-	services clean
+	services browser clean
 
 help:
-	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
 
 $(STAMP): tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +37,22 @@ $(STAMP): tests/requirements.txt
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r tests/requirements.txt
 	touch $@
 
-services: $(STAMP)
+services: $(STAMP) browser
 	$(BIN)/python scripts/check_services.py
+
+# Idempotent: nothing to do when the browser is there; as root on Debian, install it (the
+# package lists are refreshed only when the first try cannot find it); otherwise say how.
+browser:
+	@if [ -x "$(TASKSIGNAL_CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the admin's browser tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium >/dev/null \
+			|| { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	else \
+		echo "no browser at $(TASKSIGNAL_CHROMIUM): the e2e tests will fail;" \
+			"install Debian's chromium or set TASKSIGNAL_CHROMIUM" >&2; \
+	fi
 
 test: services
 	$(PYTEST) tests/ $(PYTEST_ARGS)

@@ -6,7 +6,8 @@ of the session's bake cache, installed into a fresh virtualenv with uv, and then
 
 * ``manage.py check`` and ``makemigrations --check`` pass with the developer's ``.env``;
 * ``check --deploy --fail-level WARNING`` passes with production settings and realistic values;
-* the project's own pytest suite passes against real PostgreSQL and Redis;
+* the project's own pytest suite passes against real PostgreSQL and Redis, browser tests included
+  (``TASKSIGNAL_REQUIRE_BROWSER=1``: no Chromium is a failure, not a skip);
 * the Procfile's processes start as a platform would start them, ``/healthz`` answers 200
   through gunicorn, and SIGTERM to each main process ends it cleanly with no orphan left.
 
@@ -229,10 +230,12 @@ def test_migrations_apply_to_an_empty_database(
 
 @pytest.mark.timeout(1200)
 def test_project_test_suite_passes(installed: Installed, database: str, namespace: str) -> None:
+    # The admin's browser tests must run here: without a browser they fail, not skip.
+    env = {**installed.developer_env(database, namespace), "TASKSIGNAL_REQUIRE_BROWSER": "1"}
     result = run(
         [installed.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
         cwd=installed.path,
-        env=installed.developer_env(database, namespace),
+        env=env,
         timeout=1100,
     )
     exit_code = result.returncode

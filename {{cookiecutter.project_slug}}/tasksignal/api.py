@@ -49,7 +49,7 @@ from tasksignal.auth import AuthenticationFailed, authenticate, csrf_failure
 from tasksignal.exceptions import UnknownSignal
 from tasksignal.models import CeleryTaskSignal, TaskRun
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK, get_signal_kind
-from tasksignal.states import RECORDED_HEADER, RunState
+from tasksignal.states import RECORDED_HEADER, RunState, Source
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +481,9 @@ def start_recorded(name: str, kwargs: dict) -> str:
     task_id = str(uuid.uuid4())
     try:
         with transaction.atomic():
-            TaskRun.objects.create(task_id=task_id, task_name=name, state=RunState.QUEUED)
+            TaskRun.objects.create(
+                task_id=task_id, task_name=name, state=RunState.QUEUED, kwargs=_kept_kwargs(kwargs)
+            )
             transaction.on_commit(
                 lambda: current_app.send_task(
                     name, kwargs=kwargs, task_id=task_id, headers={RECORDED_HEADER: True}
@@ -494,6 +496,17 @@ def start_recorded(name: str, kwargs: dict) -> str:
         TaskRun.objects.filter(task_id=task_id, state=RunState.QUEUED).delete()
         raise ApiError(503, REDIS_UNAVAILABLE) from None
     return task_id
+
+
+def _kept_kwargs(kwargs: dict) -> dict | None:
+    """``kwargs`` to keep on the run record, or ``None`` when PostgreSQL's ``jsonb`` cannot
+    store them: a NUL character or a lone surrogate (the task itself may well take them)."""
+    text = json.dumps(kwargs, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return None if "\\u0000" in text else kwargs
 
 
 def _ping_result_backend() -> None:
@@ -685,7 +698,7 @@ def send(request, task_id: str, kind: str, message: str, wait: float = 0) -> Htt
 
 def _write_signal(request, task_id: str, kind: str, message: str, too_late: bool) -> dict:
     row = CeleryTaskSignal.objects.send(
-        task_id, kind, message, requested_by=request.auth, finished=too_late
+        task_id, kind, message, requested_by=request.auth, finished=too_late, source=Source.API
     )
     return {**_signal_row(row), "already_pending": row.already_pending}
 

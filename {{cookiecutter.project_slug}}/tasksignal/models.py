@@ -1,13 +1,14 @@
 """The durable side of task signalling: signal rows and the record of task runs."""
 
 from django.conf import settings
+from django.contrib.postgres.expressions import ArraySubquery
 from django.db import connections, models
-from django.db.models import Q
+from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Now
 
 from tasksignal import registry, sql
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
-from tasksignal.states import Outcome, RunState
+from tasksignal.states import Outcome, RunState, Source
 
 
 class CeleryTaskSignalQuerySet(models.QuerySet):
@@ -48,13 +49,15 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         requested_by=None,
         *,
         finished: bool = False,
+        source: str = Source.CODE,
     ):
         """Ask the task ``task_id`` to act on ``signal``; return the signal row.
 
         Sending a signal that is already pending for the task returns the existing row
         (at most one pending signal per task and kind); ``row.already_pending`` says which
         happened. For a task known to have ``finished``, the row is written completed,
-        ``too_late``, and no worker is told. Raises
+        ``too_late``, and no worker is told. ``source`` records how it was sent (a
+        :class:`~tasksignal.states.Source`: admin, API, command line, code). Raises
         :class:`~tasksignal.exceptions.UnknownSignal` for an unregistered kind. The worker
         running the task hears of it when the row commits (inside your own transaction:
         when that transaction commits).
@@ -64,7 +67,7 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         # case, where get_or_create in a savepoint costs five; a row completed between the
         # two statements makes room for a new one, hence the second attempt.
         for _attempt in range(3):
-            row = self._insert(task_id, signal, message, requested_by, finished)
+            row = self._insert(task_id, signal, message, requested_by, finished, source)
             if row is not None:
                 return row
             row = self.pending(task_id, signal).first()
@@ -73,7 +76,7 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
                 return row
         raise RuntimeError(f"could not send {signal} to {task_id}: the pending row kept changing")
 
-    def _insert(self, task_id, signal, message, requested_by, finished):
+    def _insert(self, task_id, signal, message, requested_by, finished, source):
         """INSERT the row unless one is pending; return it, or None on conflict."""
         from tasksignal.notify import signal_channel
 
@@ -86,6 +89,7 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
                     "signal": signal,
                     "message": message,
                     "requested_by": requested_by_id,
+                    "source": source,
                     "channel": signal_channel(task_id),
                     "too_late": finished,
                 },
@@ -100,6 +104,7 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
             signal=signal,
             message=message,
             requested_by_id=requested_by_id,
+            source=source,
             created=created,
             modified=modified,
             completed=completed,
@@ -112,21 +117,27 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         row.already_pending = False
         return row
 
-    def send_many(self, task_ids, signal: str, message: str = "", requested_by=None) -> list:
-        """Send ``signal`` to each of ``task_ids``; return the pending rows, one per task."""
-        return [self.send(task_id, signal, message, requested_by) for task_id in task_ids]
+    def send_many(
+        self, task_ids, signal: str, message: str = "", requested_by=None, **options
+    ) -> list:
+        """Send ``signal`` to each of ``task_ids``; return the pending rows, one per task.
 
-    def cancel(self, task_id: str, message: str = "", requested_by=None):
+        ``options`` are :meth:`send`'s keywords (``source``)."""
+        return [
+            self.send(task_id, signal, message, requested_by, **options) for task_id in task_ids
+        ]
+
+    def cancel(self, task_id: str, message: str = "", requested_by=None, **options):
         """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder."""
-        return self.send(task_id, CANCEL_TASK, message, requested_by)
+        return self.send(task_id, CANCEL_TASK, message, requested_by, **options)
 
-    def pause(self, task_id: str, message: str = "", requested_by=None):
+    def pause(self, task_id: str, message: str = "", requested_by=None, **options):
         """Send ``pause_task``: the task blocks at its next checkpoint until resumed."""
-        return self.send(task_id, PAUSE_TASK, message, requested_by)
+        return self.send(task_id, PAUSE_TASK, message, requested_by, **options)
 
-    def resume(self, task_id: str, message: str = "", requested_by=None):
+    def resume(self, task_id: str, message: str = "", requested_by=None, **options):
         """Send ``resume_task``: a paused task carries on from its checkpoint."""
-        return self.send(task_id, RESUME_TASK, message, requested_by)
+        return self.send(task_id, RESUME_TASK, message, requested_by, **options)
 
 
 class CeleryTaskSignal(models.Model):
@@ -143,12 +154,22 @@ class CeleryTaskSignal(models.Model):
 
     #: The names of every outcome (``tasksignal.states.Outcome``).
     Outcome = Outcome
+    #: The names of every way of sending (``tasksignal.states.Source``).
+    Source = Source
 
     task_id = models.CharField(max_length=255, db_index=True)
     signal = models.CharField(max_length=32, choices=registry.signal_choices)
     message = models.TextField(blank=True, help_text="Optional text for the task to read.")
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    source = models.CharField(
+        max_length=8,
+        choices=Source.CHOICES,
+        default=Source.CODE,
+        db_default=Source.CODE,
+        editable=False,
+        help_text="How it was sent: admin, API, command line or code.",
     )
     completed = models.BooleanField(default=False)
     outcome = models.CharField(max_length=16, choices=Outcome.CHOICES, blank=True)
@@ -176,6 +197,12 @@ class CeleryTaskSignal(models.Model):
             models.Index(
                 fields=["created"], condition=Q(completed=False), name="tasksignal_pending"
             ),
+            # The admin's "cancel outcome" filter over many runs.
+            models.Index(
+                fields=["outcome", "task_id"],
+                condition=Q(signal=CANCEL_TASK),
+                name="tasksignal_cancel_outcome",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -200,6 +227,33 @@ class CeleryTaskSignal(models.Model):
         self.completed, self.outcome, self.completed_at = True, outcome, now
         self.acknowledged_at = self.acknowledged_at or now
         return True
+
+
+class TaskRunQuerySet(models.QuerySet):
+    """Queries over runs, named for what they mean."""
+
+    def unfinished(self):
+        """Runs that may still do something: queued, running or paused."""
+        return self.exclude(state__in=RunState.FINISHED)
+
+    def with_signal_facts(self):
+        """Annotate each run with what its signals say, in the same query (no query per row).
+
+        ``cancel_outcome`` and ``cancel_latency`` (a ``timedelta``, on the database clock)
+        of its latest cancel, ``None`` while there is none or it is pending; and
+        ``pending_signals``, the kinds of its pending signals. Each is a subquery served
+        by the signal table's ``task_id`` index.
+        """
+        cancels = CeleryTaskSignal.objects.filter(
+            task_id=OuterRef("task_id"), signal=CANCEL_TASK
+        ).order_by("-created", "-id")
+        latency = ExpressionWrapper(F("completed_at") - F("created"), output_field=DurationField())
+        pending = CeleryTaskSignal.objects.filter(task_id=OuterRef("task_id"), completed=False)
+        return self.annotate(
+            cancel_outcome=Subquery(cancels.values("outcome")[:1]),
+            cancel_latency=Subquery(cancels.annotate(latency=latency).values("latency")[:1]),
+            pending_signals=ArraySubquery(pending.order_by("id").values("signal")),
+        )
 
 
 class TaskRun(models.Model):
@@ -227,10 +281,25 @@ class TaskRun(models.Model):
     progress_total = models.FloatField(null=True, blank=True)
     progress_message = models.CharField(max_length=255, blank=True)
     error = models.CharField(max_length=1000, blank=True, help_text="Why the run failed.")
+    kwargs = models.JSONField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="The keyword arguments, for runs started from the admin or the API.",
+    )
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = TaskRunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-started_at"]
+        indexes = [
+            # The admin's list: newest first, and its worker and age filters.
+            models.Index(
+                F("started_at").desc(nulls_first=True), F("id").desc(), name="tasksignal_run_newest"
+            ),
+            models.Index(fields=["worker"], name="tasksignal_run_worker"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.task_id} ({self.state})"
@@ -241,6 +310,38 @@ class TaskRun(models.Model):
         if self.progress_current is None or not self.progress_total:
             return None
         return min(1.0, self.progress_current / self.progress_total)
+
+    @property
+    def shown_state(self) -> str:
+        """The state to show a person: ``cancelled`` as soon as a cancel stopped the run.
+
+        The worker writes the record of a run's end in its next batch; a cancel's outcome
+        is written first, so a run whose cancel stopped it is cancelled even while its
+        record still says running. Needs :meth:`TaskRunQuerySet.with_signal_facts`
+        (without it, this is the record's state).
+        """
+        outcome = getattr(self, "cancel_outcome", None)
+        if outcome in Outcome.STOPPED and self.state not in RunState.FINISHED:
+            return RunState.CANCELLED
+        return self.state
+
+    def allowed_signals(self) -> frozenset[str]:
+        """The built-in signals this run's state lets a person send now.
+
+        Cancel while it may still run; pause while queued or running; resume while paused
+        (or a pause is pending); none of a kind already pending. Needs
+        :meth:`TaskRunQuerySet.with_signal_facts` for the pending ones.
+        """
+        state = self.shown_state
+        allowed = set()
+        if state not in RunState.FINISHED:
+            allowed.add(CANCEL_TASK)
+        if state in (RunState.QUEUED, RunState.RUNNING):
+            allowed.add(PAUSE_TASK)
+        pending = set(getattr(self, "pending_signals", None) or ())
+        if state == RunState.PAUSED or PAUSE_TASK in pending:
+            allowed.add(RESUME_TASK)
+        return frozenset(allowed - pending)
 
 
 class ApiToken(models.Model):

@@ -73,9 +73,10 @@ def _completion(n: dict[str, str], outcome: str, error: str) -> str:
 def insert_signal() -> str:
     """Insert a signal unless one of its kind is pending, and announce it.
 
-    Parameters by name: ``task_id``, ``signal``, ``message``, ``requested_by``, ``channel``
-    (the task's signal channel) and ``too_late`` (true: the task has finished, so the row
-    is written completed ``too_late`` and nobody is told). Returns the new row's ``id,
+    Parameters by name: ``task_id``, ``signal``, ``message``, ``requested_by``, ``source``
+    (a ``states.Source``), ``channel`` (the task's signal channel) and ``too_late`` (true:
+    the task has finished, so the row is written completed ``too_late`` and nobody is
+    told). Returns the new row's ``id,
     created, modified, completed, completed_at``, or no row when one was pending.
     ``pg_notify`` runs in the same statement, so the notice is sent exactly when (and if)
     the row commits.
@@ -86,9 +87,11 @@ def insert_signal() -> str:
     return f"""
         WITH inserted AS (
             INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
-                {n["requested_by"]}, {n["completed"]}, {n["outcome"]}, {n["error"]},
-                {n["created"]}, {n["modified"]}, {n["acknowledged_at"]}, {n["completed_at"]})
-            SELECT %(task_id)s, %(signal)s, %(message)s, %(requested_by)s, %(too_late)s,
+                {n["requested_by"]}, {n["source"]}, {n["completed"]}, {n["outcome"]},
+                {n["error"]}, {n["created"]}, {n["modified"]}, {n["acknowledged_at"]},
+                {n["completed_at"]})
+            SELECT %(task_id)s, %(signal)s, %(message)s, %(requested_by)s, %(source)s,
+                %(too_late)s,
                 CASE WHEN %(too_late)s THEN '{Outcome.TOO_LATE}' ELSE '' END, '',
                 statement_timestamp(), statement_timestamp(),
                 CASE WHEN %(too_late)s THEN statement_timestamp() END,

@@ -11,6 +11,8 @@ True
 True
 >>> dict(Outcome.CHOICES)[Outcome.SKIPPED]
 'Cancelled before it started'
+>>> Source.API in dict(Source.CHOICES)
+True
 """
 
 
@@ -81,6 +83,26 @@ class RunState:
     FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
     #: States of a run a worker process is executing.
     LIVE = frozenset({RUNNING, PAUSED})
+
+
+class Source:
+    """How a signal was sent (``CeleryTaskSignal.source``): who asked is ``requested_by``."""
+
+    #: From the Django admin (a row's button, an action, the add form).
+    ADMIN = "admin"
+    #: Through the JSON API.
+    API = "api"
+    #: With ``manage.py tasksignal``.
+    CLI = "cli"
+    #: By Python code calling ``CeleryTaskSignal.objects.send()`` (the default).
+    CODE = "code"
+
+    CHOICES = (
+        (ADMIN, "Admin"),
+        (API, "API"),
+        (CLI, "Command line"),
+        (CODE, "Code"),
+    )
 
 
 #: The message header a producer sets on a task whose run it recorded (``queued``): the

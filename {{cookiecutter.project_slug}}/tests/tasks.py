@@ -36,6 +36,14 @@ def append_message(task, signal) -> None:
 
 register_signal("append_message", append_message)
 
+
+def refuse(task, signal) -> None:
+    """Handler of the test-only ``refuse`` signal kind: it always fails, saying why."""
+    raise ValueError(f"refused {signal.message!r}")
+
+
+register_signal("refuse", refuse)
+
 #: Where the worker's ``task_revoked`` receiver below writes, when the tests set it.
 REVOKED_LOG_VARIABLE = "TESTS_TASK_REVOKED_LOG"
 

@@ -7,7 +7,7 @@ with other sessions (or a developer's running worker) without stealing their mes
 import uuid
 
 from .base import *  # noqa: F403
-from .base import CELERY_BROKER_TRANSPORT_OPTIONS, env
+from .base import CELERY_BROKER_TRANSPORT_OPTIONS, TASKSIGNAL_STARTABLE_TASKS, env
 
 SECRET_KEY = "django-insecure-test-only"  # noqa: S105
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -23,3 +23,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
 }
+# The browser tests run gunicorn with these settings (DEBUG off): whitenoise then serves
+# the admin's static files straight from the apps, with no collectstatic step.
+WHITENOISE_USE_FINDERS = True
+# The tests start some of their own tasks through the admin and the API.
+TASKSIGNAL_STARTABLE_TASKS = [
+    *TASKSIGNAL_STARTABLE_TASKS,
+    "tests.tasks.count_with_checkpoints",
+    "tests.tasks.echo",
+]

@@ -3,6 +3,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.states import Source
 from tasksignal.sweep import sweep
 
 VERBS = {
@@ -61,5 +62,9 @@ class Command(BaseCommand):
                 f"unknown task id(s): {', '.join(unknown)}. No worker has recorded a run with "
                 "that id; check the id, or pass --force to signal a task that is still queued."
             )
-        for row in CeleryTaskSignal.objects.send_many(task_ids, signal, message):
-            self.stdout.write(self.style.SUCCESS(f"sent: {row}"))
+        rows = CeleryTaskSignal.objects.send_many(task_ids, signal, message, source=Source.CLI)
+        for row in rows:
+            if row.already_pending:
+                self.stdout.write(self.style.WARNING(f"already pending: {row}"))
+            else:
+                self.stdout.write(self.style.SUCCESS(f"sent: {row}"))
