@@ -200,6 +200,7 @@ class Node:
         # Main thread -> node thread; the thread is woken only while it sleeps.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._sleeping = False
+        self._sleep_until = 0.0
         # Node thread -> main thread: stops whose outcome is written (the main thread may
         # then let Celery acknowledge the message), the answers it waits for, kills to do.
         self._stops_written: set[str] = set()
@@ -274,7 +275,11 @@ class Node:
         """Hand an event to the node's thread; wake it only if ``urgent`` (others wait for
         its next wake-up: each costs the thread a few hundred microseconds of cold CPU)."""
         self._events.put(event)
-        if urgent and self._sleeping:
+        # A non-urgent event still waits at most about a flush interval: an idle node may
+        # plan to sleep for an hour (nothing tracked), and a record must not wait that long.
+        if self._sleeping and (
+            urgent or self._sleep_until > time.monotonic() + RECORD_FLUSH_INTERVAL
+        ):
             self._wake()
 
     def _ask(self, kind: str, task_id: str, *details):
@@ -417,8 +422,7 @@ class Node:
             # Celery drops a request from its reserved set when it ends (a failure or a
             # stop came through on_failure first, so this run succeeded), and also, on a
             # broker reconnection, every request that had not started: not an end.
-            request = admission.request
-            if request not in reserved and request.time_start is not None:
+            if _ended(admission.request, reserved):
                 self._end(task_id, RunState.SUCCEEDED)
         for task_id, observed in list(self._observed.items()):
             request = observed.request
@@ -429,8 +433,7 @@ class Node:
                     "observed", task_id, request.name, request.worker_pid, started, None,
                     urgent=False,
                 )  # fmt: skip
-            # As above: a reconnection also empties the reserved set of unstarted requests.
-            if request not in reserved and request.time_start is not None:
+            if _ended(request, reserved):
                 del self._observed[task_id]
                 backend = request.task.backend
                 self._push("observed", task_id, request.name, None, None, backend, urgent=False)
@@ -546,6 +549,7 @@ class Node:
 
     def _wait(self, timeout: float) -> None:
         readers = [self._wake_read] if self._db is None else [self._wake_read, self._db_fd]
+        self._sleep_until = time.monotonic() + timeout
         self._sleeping = True
         try:
             if not self._events.empty():
@@ -938,6 +942,13 @@ def records_parameters(records: dict[str, dict], ended: list[str]) -> dict[str, 
             if not brief:
                 parameters[f"new_{name}"].append(row.get(name))
     return parameters
+
+
+def _ended(request, reserved) -> bool:
+    """Whether Celery is done with ``request``: it left the reserved set, and not because a
+    broker reconnection emptied that set of the requests that had not started (those are
+    neither started nor acknowledged, and will run or come back)."""
+    return request not in reserved and (request.time_start is not None or request.acknowledged)
 
 
 def _nonblocking_pipe() -> tuple[int, int]:

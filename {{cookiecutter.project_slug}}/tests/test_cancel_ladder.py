@@ -1,5 +1,7 @@
 """Each rung of the cancel ladder, on a real prefork worker."""
 
+import uuid
+
 import pytest
 from celery import states
 
@@ -16,7 +18,8 @@ def assert_revoked(result) -> None:
 
 def test_cancel_sent_before_the_task_starts_skips_its_body(worker, tmp_path):
     marker = tmp_path / "started"
-    task_id = "skip-" + tmp_path.name
+    # Unique: the result backend outlives test databases (a stale SUCCESS is never replaced).
+    task_id = f"skip-{uuid.uuid4()}"
     CeleryTaskSignal.objects.cancel(task_id)
     result = tasks.mark_started.apply_async((str(marker),), task_id=task_id)
     signal = wait_until_completed(CeleryTaskSignal.objects.get(task_id=task_id))

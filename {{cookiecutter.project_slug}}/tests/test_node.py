@@ -6,6 +6,7 @@ Redis; the node lives in each worker's main process.
 
 import threading
 import time
+import uuid
 
 import psutil
 import pytest
@@ -166,7 +167,8 @@ def test_a_cancel_of_a_reserved_task_skips_it_without_its_body_running(make_work
 
 def test_a_task_delivered_again_after_its_cancel_was_honoured_never_runs(worker, tmp_path):
     marker = tmp_path / "started"
-    task_id = f"honoured-{tmp_path.name}"
+    # Unique: the result backend outlives test databases (a stale SUCCESS is never replaced).
+    task_id = f"honoured-{uuid.uuid4()}"
     # As a node that honoured the cancel and died before acknowledging the message leaves it.
     CeleryTaskSignal.objects.cancel(task_id)
     CeleryTaskSignal.objects.filter(task_id=task_id).complete(Outcome.COOPERATIVE)
