@@ -37,7 +37,7 @@ def retry_result_writes(sender=None, **_kwargs) -> None:
 
 @task_prerun.connect
 @task_postrun.connect
-def close_old_connections(**kwargs) -> None:
+def close_old_connections(**kwargs: object) -> None:
     """Treat each task like Django treats each request: keep a connection while it is
     usable and younger than ``CONN_MAX_AGE``, check it before reuse (``CONN_HEALTH_CHECKS``).
 
@@ -58,12 +58,12 @@ def close_old_connections(**kwargs) -> None:
 HEARTBEAT_FILE = os.environ.get("CELERY_HEARTBEAT_FILE", "")
 
 
-def touch_heartbeat(**_kwargs) -> None:
+def touch_heartbeat(**_kwargs: object) -> None:
     """Mark this process alive for its container's health check."""
     Path(HEARTBEAT_FILE).touch()
 
 
-def beat_heartbeat(**_kwargs) -> None:
+def beat_heartbeat(**_kwargs: object) -> None:
     """In beat: mark it alive now and after every message it publishes."""
     touch_heartbeat()
     after_task_publish.connect(touch_heartbeat, weak=False)
