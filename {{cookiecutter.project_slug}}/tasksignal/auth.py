@@ -56,7 +56,7 @@ class AuthenticationFailed(Exception):
 class Caller:
     """The user behind a request, and whether a token (rather than a session) vouched."""
 
-    user: object
+    user: Any  # an instance of AUTH_USER_MODEL
     by_token: bool
 
 
