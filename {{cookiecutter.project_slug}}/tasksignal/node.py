@@ -75,6 +75,7 @@ from tasksignal.broker import guard_closed_channels
 from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.runtime import BOARD_VARIABLE, INTERRUPT_SIGNAL
+from tasksignal.states import RECORDED_HEADER, Outcome, RunState
 
 if TYPE_CHECKING:
     from tasksignal.exceptions import RunStopped
@@ -82,7 +83,6 @@ if TYPE_CHECKING:
 #: A worker's request for a task message (``SignalAwareRequest`` for signal-aware tasks).
 #: ``Any``: celery-types' ``Request`` mistypes what the node reads (``worker_pid`` as ``str``).
 Request = Any
-from tasksignal.states import RECORDED_HEADER, Outcome, RunState
 
 logger = logging.getLogger(__name__)
 
