@@ -267,7 +267,7 @@ class ThrowawayServer:
         self.port = free_port()
         self.folder = Path(folder)
 
-    def start(self):
+    def start(self) -> Self:
         """Start the server and wait until it answers; return ``self``."""
         raise NotImplementedError
 
@@ -287,10 +287,10 @@ class ThrowawayServer:
             self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.remove()
 
 
@@ -302,9 +302,9 @@ class RedisServer(ThrowawayServer):
         super().__init__(Path(folder) / "redis")
         self.persistent = persistent
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self):
+    def start(self) -> Self:
         """Start ``redis-server`` and wait until it answers PING."""
         import redis
 
@@ -368,7 +368,7 @@ class PostgresServer(ThrowawayServer):
             [*prefix, *command], check=True, capture_output=True, text=True, cwd=self.folder
         )
 
-    def start(self):
+    def start(self) -> Self:
         """``initdb`` (the first time) and ``pg_ctl start``; wait until it accepts sessions."""
         if not self._initialised:
             if os.geteuid() == 0:
