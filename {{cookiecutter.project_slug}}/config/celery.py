@@ -5,6 +5,7 @@ Workers start with ``celery -A config worker`` (see ``bin/worker``).
 
 import os
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from celery.signals import (
@@ -28,7 +29,7 @@ app.steps["worker"].add(NodeStep)
 
 
 @worker_init.connect
-def retry_result_writes(sender=None, **_kwargs) -> None:
+def retry_result_writes(sender: Any = None, **_kwargs: object) -> None:
     """In a worker, keep trying to store a result while Redis is away (see the settings),
     so a task that ran does not end FAILURE for a Redis restart; the web answers 503 at
     once instead."""

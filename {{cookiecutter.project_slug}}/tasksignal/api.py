@@ -508,7 +508,7 @@ def start_recorded(name: str, kwargs: dict[str, Any]) -> str:
     return task_id
 
 
-def _kept_kwargs(kwargs: dict) -> dict | None:
+def _kept_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """``kwargs`` to keep on the run record, or ``None`` when PostgreSQL's ``jsonb`` cannot
     store them: a NUL character or a lone surrogate (the task itself may well take them)."""
     text = json.dumps(kwargs, ensure_ascii=False)

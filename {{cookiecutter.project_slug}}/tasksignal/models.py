@@ -261,14 +261,14 @@ class CeleryTaskSignal(models.Model):
         return True
 
 
-class TaskRunQuerySet(models.QuerySet):
+class TaskRunQuerySet(models.QuerySet["TaskRun"]):
     """Queries over runs, named for what they mean."""
 
-    def unfinished(self):
+    def unfinished(self) -> TaskRunQuerySet:
         """Runs that may still do something: queued, running or paused."""
         return self.exclude(state__in=RunState.FINISHED)
 
-    def with_signal_facts(self):
+    def with_signal_facts(self) -> TaskRunQuerySet:
         """Annotate each run with what its signals say, in the same query (no query per row).
 
         ``cancel_outcome`` and ``cancel_latency`` (a ``timedelta``, on the database clock)
