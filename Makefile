@@ -6,6 +6,7 @@
 #   make docker-engine-clean  remove the engine's cache and data root (images, volumes)
 #   make demo        bake the default project, run web + worker natively, send it a task
 #   make lint        ruff on the hooks, tests and scripts
+#   make lock        remake the lock files of every option set (scripts/lock.py; needs PyPI)
 #   make clean       remove .venv, .demo and caches
 # Variables: PYTHON (interpreter for .venv), PYTEST_ARGS (extra pytest arguments),
 # DATABASE_URL and REDIS_URL (servers to test against; defaults in scripts/baked.py),
@@ -26,10 +27,10 @@ PYTEST := $(BIN)/python -m pytest --basetemp=$(BASETEMP)
 export TASKSIGNAL_CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: help test test-fast test-compose docker-engine docker-engine-clean lint format demo \
-	services browser clean
+	services browser clean lock
 
 help:
-	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
 
 $(STAMP): tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +78,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix hooks tests scripts
 	$(BIN)/ruff format hooks tests scripts
+
+lock: $(STAMP)
+	$(BIN)/python scripts/lock.py
 
 demo: services
 	$(BIN)/python scripts/demo.py

@@ -8,13 +8,18 @@ What it does, in order:
 
 1. Removes the files that belong to options that were turned off, as listed in ``REMOVALS``
    (an option, the answer that turns it off, and the paths or glob patterns to delete).
-2. Makes every script in ``bin/`` executable.
-3. Writes ``.env`` from ``.env.example`` (when the project has one) with a fresh
+2. Installs the lock files made for these answers: the template carries, in ``.locks/``, one
+   ``requirements.txt`` (runtime) and one ``requirements-dev.txt`` (runtime and dev tools) per
+   set of answers that changes the dependencies (:func:`lock_key`), made by the template's
+   ``scripts/lock.py``; the hook moves the matching pair to the project root and deletes the
+   rest. A missing pair fails the bake: nothing is ever resolved at bake time.
+3. Makes every script in ``bin/`` executable.
+4. Writes ``.env`` from ``.env.example`` (when the project has one) with a fresh
    ``DJANGO_SECRET_KEY`` and ``POSTGRES_PASSWORD`` from :mod:`secrets`; URLs in the file that
    carried the example password get the new one, so the file stays consistent. Empty
    ``LOADTEST_UID`` / ``LOADTEST_GID`` lines get the baking user's uid and gid: compose runs
    its load-test container as them, so the reports it writes through a bind mount are theirs.
-4. Prints the next steps.
+5. Prints the next steps.
 
 It uses only the standard library and never touches the network.
 """
@@ -48,6 +53,7 @@ REMOVALS: Final = (
         "use_docker", "n", ("Dockerfile", "compose.yaml", ".dockerignore", "bin/compose-check")
     ),
     Removal("use_flower", "n", ("bin/flower",)),
+    Removal("use_sentry", "n", ("config/sentry.py", "tests/test_sentry.py")),
     Removal("use_celery_beat", "n", ("bin/beat",)),
     Removal("ci_tool", "none", (".github",)),
     Removal(
@@ -58,6 +64,12 @@ REMOVALS: Final = (
     Removal("open_source_license", "Not open source", ("LICENSE",)),
 )
 
+#: Where the template keeps its lock files, one folder per :func:`lock_key`.
+LOCK_STORE: Final = ".locks"
+#: The lock files of each set, by their name in the project root.
+LOCK_FILES: Final = ("requirements.txt", "requirements-dev.txt")
+#: The answers that change what gets installed, in the order :func:`lock_key` names them.
+LOCK_OPTIONS: Final = ("django_version", "use_flower", "use_sentry", "include_demo_tasks")
 ENV_EXAMPLE: Final = ".env.example"
 ENV_FILE: Final = ".env"
 SECRET_KEY_VARIABLE: Final = "DJANGO_SECRET_KEY"  # noqa: S105 - a variable name
@@ -88,6 +100,45 @@ def patterns_to_remove(answers: Mapping[str, str]) -> list[str]:
         if answers.get(removal.option) == removal.when
         for path in removal.paths
     ]
+
+
+def lock_key(answers: Mapping[str, str]) -> str:
+    """Name the set of lock files that a project with ``answers`` installs from.
+
+    >>> lock_key({"django_version": "6.1", "use_flower": "n", "use_sentry": "y",
+    ...           "include_demo_tasks": "y"})
+    'django6.1-noflower-sentry-demo'
+    """
+    flags = [
+        word if answers[option] == "y" else f"no{word}"
+        for option, word in zip(LOCK_OPTIONS[1:], ("flower", "sentry", "demo"), strict=True)
+    ]
+    return "-".join([f"django{answers['django_version']}", *flags])
+
+
+class MissingLockError(RuntimeError):
+    """The template has no lock files for a set of answers (``scripts/lock.py`` makes them)."""
+
+
+def install_lock_files(root: Path, answers: Mapping[str, str]) -> list[Path]:
+    """Move the lock files for ``answers`` from ``root/.locks`` to ``root``; drop the rest.
+
+    Returns the installed files. Raises :class:`MissingLockError`, leaving everything in
+    place, when the template lacks one of them.
+    """
+    store = root / LOCK_STORE
+    chosen = store / lock_key(answers)
+    missing = [name for name in LOCK_FILES if not (chosen / name).is_file()]
+    if missing:
+        message = f"the template has no {', '.join(missing)} for {lock_key(answers)}"
+        raise MissingLockError(f"{message}: run scripts/lock.py in the template")
+    installed = []
+    for name in LOCK_FILES:
+        target = root / name
+        (chosen / name).replace(target)
+        installed.append(target)
+    shutil.rmtree(store)
+    return installed
 
 
 def remove_paths(root: Path, patterns: Iterable[str]) -> list[Path]:
@@ -260,9 +311,9 @@ def next_steps(answers: Mapping[str, str]) -> str:
         ]
     lines += [
         "  # or natively, with PostgreSQL and Redis running locally:",
-        "  python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'",
-        "  .venv/bin/python manage.py migrate",
-        "  .venv/bin/pytest",
+        "  make install    # .venv with exactly requirements-dev.txt (uv)",
+        "  make migrate && make test",
+        "  .venv/bin/pre-commit install    # make lint before every commit",
         "",
         "Secrets for local use are in .env (never commit it); see .env.example for every setting.",
     ]
@@ -275,7 +326,9 @@ def main() -> int:
         "project_name": "{{ cookiecutter.project_name | urlencode }}",
         "project_slug": "{{ cookiecutter.project_slug | urlencode }}",
         "use_docker": "{{ cookiecutter.use_docker | urlencode }}",
+        "django_version": "{{ cookiecutter.django_version | urlencode }}",
         "use_flower": "{{ cookiecutter.use_flower | urlencode }}",
+        "use_sentry": "{{ cookiecutter.use_sentry | urlencode }}",
         "use_celery_beat": "{{ cookiecutter.use_celery_beat | urlencode }}",
         "ci_tool": "{{ cookiecutter.ci_tool | urlencode }}",
         "include_demo_tasks": "{{ cookiecutter.include_demo_tasks | urlencode }}",
@@ -285,6 +338,11 @@ def main() -> int:
     answers = {name: unquote(text) for name, text in rendered.items()}
     root = Path.cwd()
     remove_paths(root, patterns_to_remove(answers))
+    try:
+        install_lock_files(root, answers)
+    except MissingLockError as error:
+        print(f"ERROR: {error}", file=sys.stderr, flush=True)
+        return 1
     make_scripts_executable(root)
     write_env_file(root)
     print(next_steps(answers))

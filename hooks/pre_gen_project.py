@@ -63,6 +63,7 @@ RESERVED_SLUGS: Final = frozenset(
         "asgiref",
         "sqlparse",
         "flower",
+        "sentry_sdk",
         # development and load-test dependencies
         "pytest",
         "pytest_django",
@@ -71,6 +72,9 @@ RESERVED_SLUGS: Final = frozenset(
         "gevent",
         "greenlet",
         "psutil",
+        "mypy",
+        "django_stubs",
+        "pre_commit",
     },
 )
 
@@ -79,6 +83,9 @@ STDLIB_MODULES: Final = sys.stdlib_module_names
 
 SUPPORTED_PYTHON_VERSIONS: Final = ("3.11", "3.12", "3.13")
 SUPPORTED_POSTGRES_VERSIONS: Final = ("15", "16", "17")
+SUPPORTED_DJANGO_VERSIONS: Final = ("6.1", "5.2")
+#: The oldest Python each Django release runs on (Django's own "What Python version can I use").
+DJANGO_MINIMUM_PYTHON: Final = {"6.1": "3.12", "5.2": "3.10"}
 CI_TOOLS: Final = ("github", "none")
 LICENSES: Final = ("MIT", "BSD-3-Clause", "Apache-2.0", "Not open source")
 YES_NO: Final = ("y", "n")
@@ -251,6 +258,17 @@ def validate_python_version(value: str) -> str | None:
     return _choice_problem(value, SUPPORTED_PYTHON_VERSIONS)
 
 
+def validate_django_version(value: str) -> str | None:
+    """Check the Django release is one the template ships a lock file for.
+
+    >>> validate_django_version("6.1") is None
+    True
+    >>> validate_django_version("5.1")
+    "must be one of '6.1', '5.2'"
+    """
+    return _choice_problem(value, SUPPORTED_DJANGO_VERSIONS)
+
+
 def validate_postgres_version(value: str) -> str | None:
     """Check the PostgreSQL major version is one the project supports.
 
@@ -309,9 +327,11 @@ VALIDATORS: Final[Mapping[str, Callable[[str], str | None]]] = {
     "domain_name": validate_domain_name,
     "timezone": validate_timezone,
     "python_version": validate_python_version,
+    "django_version": validate_django_version,
     "postgres_version": validate_postgres_version,
     "use_docker": validate_yes_no,
     "use_flower": validate_yes_no,
+    "use_sentry": validate_yes_no,
     "use_celery_beat": validate_yes_no,
     "ci_tool": validate_ci_tool,
     "include_demo_tasks": validate_yes_no,
@@ -319,10 +339,42 @@ VALIDATORS: Final[Mapping[str, Callable[[str], str | None]]] = {
 }
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """Turn ``"3.12"`` into ``(3, 12)``, so that 3.9 sorts before 3.12 (strings would not)."""
+    return tuple(int(part) for part in text.split("."))
+
+
+def combination_problem(answers: Mapping[str, str]) -> str | None:
+    """Return why two valid answers cannot go together, or ``None`` when they can.
+
+    Each answer must already be valid on its own; pairs the mapping lacks are not checked.
+
+    >>> combination_problem({"django_version": "5.2", "python_version": "3.11"}) is None
+    True
+    >>> print(combination_problem({"django_version": "6.1", "python_version": "3.11"}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ERROR: django_version '6.1' needs Python 3.12 or newer, but python_version is '3.11':
+    choose django_version 5.2 or python_version 3.12+
+    """
+    django, python = answers.get("django_version"), answers.get("python_version")
+    if django is None or python is None:
+        return None
+    minimum = DJANGO_MINIMUM_PYTHON[django]
+    if _version(python) < _version(minimum):
+        return (
+            f"ERROR: django_version {django!r} needs Python {minimum} or newer, but"
+            f" python_version is {python!r}: choose django_version"
+            f" {SUPPORTED_DJANGO_VERSIONS[-1]} or python_version {minimum}+"
+        )
+    return None
+
+
 def first_error(answers: Mapping[str, str]) -> str | None:
     """Return the one-line error for the first bad answer, or ``None`` when all are good.
 
-    Answers the mapping lacks are not checked (tests pass partial mappings).
+    Each answer is checked on its own first, in question order; then answers that cannot go
+    together (:func:`combination_problem`). Answers the mapping lacks are not checked (tests
+    pass partial mappings).
 
     >>> first_error({"project_slug": "fine", "use_docker": "y"}) is None
     True
@@ -334,7 +386,7 @@ def first_error(answers: Mapping[str, str]) -> str | None:
             problem = validate(answers[name])
             if problem is not None:
                 return f"ERROR: {name} {answers[name]!r} {problem}"
-    return None
+    return combination_problem(answers)
 
 
 def main() -> int:
@@ -348,9 +400,11 @@ def main() -> int:
         "domain_name": "{{ cookiecutter.domain_name | urlencode }}",
         "timezone": "{{ cookiecutter.timezone | urlencode }}",
         "python_version": "{{ cookiecutter.python_version | urlencode }}",
+        "django_version": "{{ cookiecutter.django_version | urlencode }}",
         "postgres_version": "{{ cookiecutter.postgres_version | urlencode }}",
         "use_docker": "{{ cookiecutter.use_docker | urlencode }}",
         "use_flower": "{{ cookiecutter.use_flower | urlencode }}",
+        "use_sentry": "{{ cookiecutter.use_sentry | urlencode }}",
         "use_celery_beat": "{{ cookiecutter.use_celery_beat | urlencode }}",
         "ci_tool": "{{ cookiecutter.ci_tool | urlencode }}",
         "include_demo_tasks": "{{ cookiecutter.include_demo_tasks | urlencode }}",

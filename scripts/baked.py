@@ -235,27 +235,27 @@ def find_python(version: str) -> str | None:
 
 
 def create_venv(project_dir: Path, python: str, *, extras: str = "dev") -> Path:
-    """Create ``project_dir/.venv`` with ``python`` and install the project into it, editable.
+    """Create ``project_dir/.venv`` with ``python`` and install the project as its lock says.
 
-    Returns the virtualenv's ``bin`` folder. Raises ``subprocess.CalledProcessError`` with
-    uv's output when the install fails.
+    Exactly the pins of ``requirements-dev.txt`` (``extras="dev"``) or ``requirements.txt``
+    (``extras=""``), hashes checked, as the project's own ``make install`` and image do; then
+    the project itself, editable, without dependencies, and ``uv pip check`` to prove the lock
+    complete. Returns the virtualenv's ``bin`` folder. Raises
+    ``subprocess.CalledProcessError`` with uv's output when a step fails.
     """
     venv = project_dir / ".venv"
+    venv_python = str(venv / "bin" / "python")
+    lock_file = project_dir / ("requirements-dev.txt" if extras == "dev" else "requirements.txt")
     uv = uv_binary()
     environment = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
     environment.pop("VIRTUAL_ENV", None)
+    pip = [uv, "pip"]
+    into = ["--quiet", "--python", venv_python]
     for command in (
         [uv, "venv", "--quiet", "--python", python, str(venv)],
-        [
-            uv,
-            "pip",
-            "install",
-            "--quiet",
-            "--python",
-            str(venv / "bin" / "python"),
-            "--editable",
-            f"{project_dir}[{extras}]" if extras else str(project_dir),
-        ],
+        [*pip, "sync", *into, "--require-hashes", str(lock_file)],
+        [*pip, "install", *into, "--no-deps", "--editable", str(project_dir)],
+        [*pip, "check", *into],
     ):
         subprocess.run(
             command,

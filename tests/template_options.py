@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Final
 
 from allpairspy import AllPairs
@@ -35,6 +37,34 @@ DEFAULT_ANSWERS["project_slug"] = (
 )
 
 
+def _load_pre_gen_hook() -> ModuleType:
+    """The pre-generation hook, imported by path: it owns the rule of which answers go together."""
+    path = REPO_ROOT / "hooks" / "pre_gen_project.py"
+    spec = importlib.util.spec_from_file_location("template_options_pre_gen", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PRE_GEN: Final = _load_pre_gen_hook()
+
+
+def is_possible(answers: Mapping[str, str]) -> bool:
+    """Whether the answers can go together (the pre-generation hook's own rule).
+
+    >>> is_possible({"django_version": "6.1", "python_version": "3.11"})
+    False
+    """
+    return _PRE_GEN.combination_problem(answers) is None
+
+
+def _possible_row(row: list[str]) -> bool:
+    """The filter for allpairspy: a partial row (options in order) that breaks no rule."""
+    return is_possible(dict(zip(CHOICE_OPTIONS, row, strict=False)))
+
+
 def pairwise_cases() -> list[dict[str, str]]:
     """Return option sets in which every pair of answers of two options appears at least once.
 
@@ -42,17 +72,39 @@ def pairwise_cases() -> list[dict[str, str]]:
     worker) collects the same cases.
     """
     names = list(CHOICE_OPTIONS)
-    return [
+    cases = [
         dict(zip(names, row, strict=True))
-        for row in AllPairs([list(CHOICE_OPTIONS[name]) for name in names])
+        for row in AllPairs(
+            [list(CHOICE_OPTIONS[name]) for name in names], filter_func=_possible_row
+        )
     ]
+    # With a filter, allpairspy can leave a few possible pairs out: one more case for each.
+    for first, a, second, b in uncovered_pairs(cases):
+        if not any(case[first] == a and case[second] == b for case in cases):
+            cases.append(_possible_case({first: a, second: b}))
+    return cases
+
+
+def _possible_case(fixed: Mapping[str, str]) -> dict[str, str]:
+    """The default choices with ``fixed`` applied, other answers changed until possible."""
+    case = {name: values[0] for name, values in CHOICE_OPTIONS.items()} | dict(fixed)
+    for name, values in CHOICE_OPTIONS.items():
+        if is_possible(case):
+            break
+        if name not in fixed:
+            case[name] = next(
+                (value for value in values if is_possible(case | {name: value})), case[name]
+            )
+    return case
 
 
 def uncovered_pairs(cases: list[Mapping[str, str]]) -> list[tuple[str, str, str, str]]:
-    """Return each pair of (option, answer) x (option, answer) that no case contains."""
+    """Return each possible pair of (option, answer) x (option, answer) that no case contains."""
     missing = []
     for first, second in itertools.combinations(CHOICE_OPTIONS, 2):
         for a, b in itertools.product(CHOICE_OPTIONS[first], CHOICE_OPTIONS[second]):
+            if not is_possible({first: a, second: b}):
+                continue
             if not any(case[first] == a and case[second] == b for case in cases):
                 missing.append((first, a, second, b))
     return missing
@@ -72,10 +124,15 @@ def case_id(answers: Mapping[str, str]) -> str:
     Each y/n option shows as its word or ``no`` + word, so every option is visible in the id.
     """
     full = DEFAULT_ANSWERS | dict(answers)
-    words = [f"py{full['python_version']}", f"pg{full['postgres_version']}"]
+    words = [
+        f"py{full['python_version']}",
+        f"dj{full['django_version']}",
+        f"pg{full['postgres_version']}",
+    ]
     for option, word in (
         ("use_docker", "docker"),
         ("use_flower", "flower"),
+        ("use_sentry", "sentry"),
         ("use_celery_beat", "beat"),
         ("include_demo_tasks", "demo"),
     ):
@@ -95,6 +152,9 @@ ALWAYS_PRESENT: Final = (
     ".gitignore",
     ".env.example",
     ".env",
+    ".pre-commit-config.yaml",
+    "requirements.txt",
+    "requirements-dev.txt",
     "config/__init__.py",
     "config/settings/__init__.py",
     "config/settings/base.py",
@@ -118,8 +178,9 @@ ALWAYS_PRESENT: Final = (
 PRESENT_WHEN: Final = (
     ("use_docker", "y", ("Dockerfile", "compose.yaml", ".dockerignore", "bin/compose-check")),
     ("use_flower", "y", ("bin/flower",)),
+    ("use_sentry", "y", ("config/sentry.py", "tests/test_sentry.py")),
     ("use_celery_beat", "y", ("bin/beat",)),
-    ("ci_tool", "github", (".github/workflows/ci.yml",)),
+    ("ci_tool", "github", (".github/workflows/ci.yml", ".github/dependabot.yml")),
     ("include_demo_tasks", "y", ("demo", "loadtest", "bin/loadtest", "docs/loadtest.md")),
 )
 
@@ -132,6 +193,7 @@ def expected_presence(answers: Mapping[str, str]) -> dict[str, bool]:
     }
     presence[".github"] = full["ci_tool"] != "none"
     presence["LICENSE"] = full["open_source_license"] != "Not open source"
+    presence[".locks"] = False  # the post-generation hook keeps one pair and removes the store
     return presence
 
 

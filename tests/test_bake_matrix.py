@@ -432,3 +432,82 @@ def test_nothing_refers_to_the_demo_app_without_it(no_demo_baked: Bake) -> None:
             if DEMO_IMPORT.search(line) or (in_settings and DEMO_APP_LABEL.search(line)):
                 references.append(f"{relative}:{number}: {line.strip()}")
     assert not references, "the demo app is gone but still referred to:\n" + "\n".join(references)
+
+
+# --- lock files, type checking, pre-commit -----------------------------------------------------
+
+
+def test_bake_installs_the_lock_pair_for_its_answers(baked: Bake) -> None:
+    import lock  # noqa: PLC0415 - scripts/lock.py names the sets
+
+    key = lock.HOOK.lock_key(baked.answers)
+    for name in lock.HOOK.LOCK_FILES:
+        installed = baked.project / name
+        assert installed.is_file(), f"{name} is missing"
+        assert installed.read_bytes() == (lock.STORE / key / name).read_bytes(), (
+            f"{name} is not the {key} pair"
+        )
+
+
+def _pinned(path: Path, package: str) -> bool:
+    text = path.read_text(encoding="utf-8")
+    return re.search(rf"^{re.escape(package)}==", text, re.MULTILINE) is not None
+
+
+def test_runtime_lock_has_flower_and_sentry_exactly_when_chosen(baked: Bake) -> None:
+    for package, option in (("flower", "use_flower"), ("sentry-sdk", "use_sentry")):
+        wanted = baked.answers[option] == "y"
+        assert _pinned(baked.project / "requirements.txt", package) == wanted, (
+            f"requirements.txt should {'' if wanted else 'not '}pin {package}"
+            f" when {option}={baked.answers[option]}"
+        )
+    wanted = baked.answers["include_demo_tasks"] == "y"
+    assert _pinned(baked.project / "requirements-dev.txt", "locust") == wanted, (
+        "locust follows include_demo_tasks"
+    )
+    assert not _pinned(baked.project / "requirements.txt", "mypy"), "dev tools in the image lock"
+
+
+def _make_recipe(makefile: str, target: str) -> list[str]:
+    lines = makefile.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_pre_commit_runs_the_checks_of_make_lint(baked: Bake) -> None:
+    import yaml  # noqa: PLC0415 - PyYAML comes with cookiecutter
+
+    config = yaml.safe_load((baked.project / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
+    assert [repo["repo"] for repo in config["repos"]] == ["local"], (
+        "pre-commit hooks must be local (the venv's tools): no repository to fetch"
+    )
+    entries = [hook["entry"] for hook in config["repos"][0]["hooks"]]
+    lint = _make_recipe((baked.project / "Makefile").read_text(encoding="utf-8"), "lint")
+    normalised = [line.replace("$(VENV)", ".venv").removesuffix(" .") for line in lint]
+    assert [entry.removesuffix(" --force-exclude") for entry in entries] == normalised, (
+        f"pre-commit runs {entries}, make lint runs {lint}"
+    )
+
+
+def test_dockerfile_and_ci_install_from_the_lock_files(baked: Bake) -> None:
+    wiring = {
+        name: (baked.project / name).read_text(encoding="utf-8")
+        for name in ("Makefile", "Dockerfile", ".github/workflows/ci.yml")
+        if (baked.project / name).is_file()
+    }
+    for name, text in wiring.items():
+        for resolving in ("pip install -e", "--requirements pyproject.toml"):
+            assert resolving not in text, f"{name} resolves pyproject.toml's ranges: {resolving}"
+    assert (
+        "pip sync --quiet --python $(PYTHON) --require-hashes requirements-dev.txt"
+        in (wiring["Makefile"])
+    )
+    if "Dockerfile" in wiring:
+        assert "uv pip sync --require-hashes requirements.txt" in wiring["Dockerfile"]
+    if ".github/workflows/ci.yml" in wiring:
+        assert "make install" in wiring[".github/workflows/ci.yml"]

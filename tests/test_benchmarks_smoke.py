@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from baked import create_venv, project_env, redis_url, run, scratch_database
+from baked import create_venv, find_python, project_env, redis_url, run, scratch_database
 from conftest import Bake
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
@@ -62,8 +62,11 @@ class QuickRun:
         return "\n".join(self.completed.stdout.splitlines()[-lines:])
 
 
-def _python_with_project_dependencies(project: Path) -> Path:
-    """Return the running interpreter if it can import the project's dependencies, else a venv."""
+def _python_with_project_dependencies(project: Path, version: str) -> Path:
+    """Return the running interpreter if it can import the project's dependencies, else a venv.
+
+    The venv gets the bake's Python ``version``: its lock file is made for what it supports.
+    """
     probe = subprocess.run(
         [sys.executable, "-c", f"import {', '.join(PROJECT_IMPORTS)}"],
         capture_output=True,
@@ -72,8 +75,11 @@ def _python_with_project_dependencies(project: Path) -> Path:
     )
     if probe.returncode == 0:
         return Path(sys.executable)
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"no Python {version} on this machine for the default bake")
     try:
-        return create_venv(project, sys.executable, extras="") / "python"
+        return create_venv(project, python, extras="") / "python"
     except subprocess.CalledProcessError as error:
         pytest.fail(f"installing the baked project failed:\n{error.stdout}\n{error.stderr}")
 
@@ -86,7 +92,7 @@ def quick_run(
     workspace = tmp_path_factory.mktemp("benchmarks")
     project = workspace / bake({}).project.name
     shutil.copytree(bake({}).project, project, symlinks=True)
-    python = _python_with_project_dependencies(project)
+    python = _python_with_project_dependencies(project, bake({}).answers["python_version"])
     output_dir = workspace / "results"
     with scratch_database("tsbench") as database:
         broker = redis_url()

@@ -1,13 +1,18 @@
 """End to end: a baked project installs, passes Django's checks and its own tests, and runs.
 
-Two bakes are exercised: the defaults, and a slim variant (no Docker, no beat, Flower on, no
-demo app, no CI, closed source) on the running interpreter's Python version. Each is copied out
-of the session's bake cache, installed into a fresh virtualenv with uv, and then:
+Two bakes are exercised with the baked project's whole suite: the defaults (Django 6.1 on
+Python 3.12), and a slim variant on the other Django and the oldest Python (Django 5.2 LTS on
+Python 3.11; no Docker, no beat, Flower and Sentry on, no demo app, no CI, closed source).
+``test_e2e_smoke.py`` covers the remaining Python, 3.13, more briefly. Each is copied out of
+the session's bake cache, installed into a fresh virtualenv from its lock file (exactly
+``requirements-dev.txt``, hashes checked, then ``uv pip check``), and then:
 
 * ``manage.py check`` and ``makemigrations --check`` pass with the developer's ``.env``;
 * ``check --deploy --fail-level WARNING`` passes with production settings and realistic values;
 * the project's own pytest suite passes against real PostgreSQL and Redis, browser tests included
   (``TASKSIGNAL_REQUIRE_BROWSER=1``: no Chromium is a failure, not a skip);
+* ``make lint`` passes: ruff and mypy (django-stubs) on the Django release of the variant, and
+  for the defaults the same checks through ``pre-commit run --all-files``;
 * the Procfile's processes start as a platform would start them, ``/healthz`` answers 200
   through gunicorn, and SIGTERM to each main process ends it cleanly with no orphan left.
 
@@ -23,6 +28,7 @@ as in a container or on a platform, where ``.env`` is never deployed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +61,7 @@ from baked import (
     wait_for_log,
 )
 from conftest import Bake
+from template_options import DEFAULT_ANSWERS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
@@ -63,15 +70,20 @@ RUNNING_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 VARIANTS = {
     "default": {},
     "slim": {
+        "django_version": "5.2",
+        "python_version": "3.11",
         "use_docker": "n",
         "use_celery_beat": "n",
         "use_flower": "y",
+        "use_sentry": "y",
         "include_demo_tasks": "n",
         "ci_tool": "none",
         "open_source_license": "Not open source",
-        "python_version": RUNNING_PYTHON,
     },
 }
+
+#: Every answer of each variant, to tell them apart in tests that only some variants run.
+VARIANT_ANSWERS = {name: DEFAULT_ANSWERS | answers for name, answers in VARIANTS.items()}
 
 #: Exit codes that mean "stopped cleanly after SIGTERM", per Procfile process type.
 #: gunicorn and celery (worker and beat) exit 0 after a graceful/warm shutdown.
@@ -242,6 +254,43 @@ def test_project_test_suite_passes(installed: Installed, database: str, namespac
     assert exit_code == 0, (
         f"the baked project's own tests failed (exit {result.returncode}):\n{_output(result, 120)}"
     )
+
+
+# --- lint, types and pre-commit --------------------------------------------------------------
+
+
+def test_make_lint_passes_ruff_and_mypy(installed: Installed) -> None:
+    result = run(
+        ["make", "lint"], cwd=installed.path, env=project_env(installed.bin_dir), timeout=600
+    )
+    exit_code = result.returncode
+    assert exit_code == 0, f"make lint failed:\n{_output(result, 80)}"
+    assert "Success: no issues found" in result.stdout, f"mypy did not run:\n{_output(result)}"
+
+
+def test_pre_commit_runs_the_same_checks_offline(installed: Installed, tmp_path: Path) -> None:
+    if installed.answers != VARIANT_ANSWERS["default"]:
+        pytest.skip("pre-commit is exercised on the default bake")
+    env = project_env(installed.bin_dir, PRE_COMMIT_HOME=str(tmp_path / "pre-commit"))
+    env |= {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+    for command in (["git", "init", "--quiet"], ["git", "add", "--all"]):
+        prepared = run(command, cwd=installed.path, env=env)
+        assert prepared.returncode == 0, _output(prepared)
+    try:
+        result = run(
+            [str(installed.bin_dir / "pre-commit"), "run", "--all-files"],
+            cwd=installed.path,
+            env=env,
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(installed.path / ".git", ignore_errors=True)
+    exit_code = result.returncode
+    assert exit_code == 0, f"pre-commit failed:\n{_output(result, 80)}"
+    for hook in ("ruff check", "ruff format --check", "mypy"):
+        assert re.search(rf"^{re.escape(hook)}\.+Passed$", result.stdout, re.MULTILINE), (
+            f"the {hook} hook did not pass:\n{_output(result)}"
+        )
 
 
 # --- processes --------------------------------------------------------------------------------

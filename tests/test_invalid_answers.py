@@ -71,6 +71,7 @@ BAD_CHOICES = [
     ("python_version", "3.10"),
     ("python_version", "3.14"),
     ("postgres_version", "14"),
+    ("django_version", "5.1"),
     ("ci_tool", "gitlab"),
     ("open_source_license", "GPL-3.0"),
 ]
@@ -183,3 +184,18 @@ def test_hook_rejects_a_bad_choice_that_bypasses_cookiecutter(
         )
     _assert_rejected_naming(capfd.readouterr().err, answer, value)
     assert not list(output.glob("*")), "a rejected bake left files behind"
+
+
+def test_django_61_on_python_311_fails_the_bake_with_one_line(
+    cookies,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    result = cookies.bake(extra_context={"django_version": "6.1", "python_version": "3.11"})
+    stderr = capfd.readouterr().err
+    assert result.exit_code != 0, "Django 6.1 on Python 3.11 was baked"
+    assert isinstance(result.exception, FailedHookException), repr(result.exception)
+    errors = _error_lines(stderr)
+    assert errors == [
+        "ERROR: django_version '6.1' needs Python 3.12 or newer, but python_version is '3.11':"
+        " choose django_version 5.2 or python_version 3.12+"
+    ], stderr

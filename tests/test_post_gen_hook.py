@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 import os
 import re
 import stat
@@ -10,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_hook
 from template_options import CHOICE_OPTIONS, DEFAULT_ANSWERS, REPO_ROOT
 
 EXAMPLE_ENV = """\
@@ -37,8 +39,12 @@ def test_removal_table_names_real_options_and_answers(post_gen: ModuleType) -> N
         )
 
 
-def test_default_answers_remove_only_flower(post_gen: ModuleType) -> None:
-    assert post_gen.patterns_to_remove(DEFAULT_ANSWERS) == ["bin/flower"]
+def test_default_answers_remove_only_flower_and_sentry(post_gen: ModuleType) -> None:
+    assert post_gen.patterns_to_remove(DEFAULT_ANSWERS) == [
+        "bin/flower",
+        "config/sentry.py",
+        "tests/test_sentry.py",
+    ]
 
 
 def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None:
@@ -56,6 +62,8 @@ def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None
         ".dockerignore",
         "bin/compose-check",
         "bin/flower",
+        "config/sentry.py",
+        "tests/test_sentry.py",
         "bin/beat",
         ".github",
         "demo",
@@ -225,5 +233,52 @@ def test_next_steps_mention_compose_only_with_docker(post_gen: ModuleType, use_d
 def test_main_renders_every_answer_the_hook_uses() -> None:
     source = (REPO_ROOT / "hooks" / "post_gen_project.py").read_text(encoding="utf-8")
     rendered = set(re.findall(r'"(\w+)": "\{\{ cookiecutter\.\1 \| urlencode \}\}"', source))
-    needed = {"project_name", "project_slug"} | set(re.findall(r'Removal\("(\w+)"', source))
+    needed = (
+        {"project_name", "project_slug"}
+        | set(re.findall(r'Removal\("(\w+)"', source))
+        | set(load_hook("post_gen_project").LOCK_OPTIONS)
+    )
     assert needed <= rendered, f"main() does not render {sorted(needed - rendered)}"
+
+
+# --- lock files -------------------------------------------------------------------------------
+
+
+def test_lock_key_names_every_answer_that_changes_the_dependencies(post_gen: ModuleType) -> None:
+    keys = {
+        post_gen.lock_key(dict(zip(post_gen.LOCK_OPTIONS, values, strict=True)))
+        for values in itertools.product(*(CHOICE_OPTIONS[name] for name in post_gen.LOCK_OPTIONS))
+    }
+    expected = 1
+    for name in post_gen.LOCK_OPTIONS:
+        expected *= len(CHOICE_OPTIONS[name])
+    assert len(keys) == expected, "two answer sets share a lock key"
+    assert post_gen.lock_key(DEFAULT_ANSWERS) == "django6.1-noflower-nosentry-demo"
+
+
+def _lock_store(root: Path, *keys: str) -> None:
+    for key in keys:
+        for name in ("requirements.txt", "requirements-dev.txt"):
+            path = root / ".locks" / key / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"# {key} {name}\n", encoding="utf-8")
+
+
+def test_install_lock_files_keeps_the_chosen_pair_and_drops_the_store(
+    post_gen: ModuleType, tmp_path: Path
+) -> None:
+    chosen = post_gen.lock_key(DEFAULT_ANSWERS)
+    _lock_store(tmp_path, chosen, "django5.2-flower-sentry-nodemo")
+    installed = post_gen.install_lock_files(tmp_path, DEFAULT_ANSWERS)
+    assert [path.name for path in installed] == ["requirements.txt", "requirements-dev.txt"]
+    assert (tmp_path / "requirements-dev.txt").read_text() == f"# {chosen} requirements-dev.txt\n"
+    assert not (tmp_path / ".locks").exists(), "the lock store was left in the project"
+
+
+def test_a_missing_lock_pair_is_an_error_naming_the_set(
+    post_gen: ModuleType, tmp_path: Path
+) -> None:
+    _lock_store(tmp_path, "django5.2-flower-sentry-nodemo")
+    with pytest.raises(post_gen.MissingLockError, match=r"django6\.1-noflower-nosentry-demo"):
+        post_gen.install_lock_files(tmp_path, DEFAULT_ANSWERS)
+    assert (tmp_path / ".locks").is_dir(), "a failed install must leave the store alone"

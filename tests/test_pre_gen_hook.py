@@ -34,6 +34,8 @@ GOOD = [
     ("timezone", "America/Argentina/Buenos_Aires"),
     ("python_version", "3.11"),
     ("python_version", "3.13"),
+    ("django_version", "6.1"),
+    ("django_version", "5.2"),
     ("postgres_version", "15"),
     ("use_docker", "y"),
     ("use_flower", "n"),
@@ -66,6 +68,9 @@ BAD = [
     ("timezone", "Europe/Atlantis", "IANA time-zone"),
     ("timezone", "", "IANA time-zone"),
     ("python_version", "3.9", "'3.11', '3.12', '3.13'"),
+    ("django_version", "5.1", "'6.1', '5.2'"),
+    ("django_version", "6", "'6.1', '5.2'"),
+    ("use_sentry", "yes", "'y' or 'n'"),
     ("postgres_version", "18", "'15', '16', '17'"),
     ("use_celery_beat", "N", "'y' or 'n'"),
     ("ci_tool", "GitHub", "'github', 'none'"),
@@ -204,3 +209,34 @@ def test_main_renders_every_validated_answer() -> None:
     rendered = re.findall(r'"(\w+)": "\{\{ cookiecutter\.\1 \| urlencode \}\}"', source)
     questions = [name for name in COOKIECUTTER_JSON if not name.startswith("_")]
     assert rendered == questions, "main() must render every question, in cookiecutter.json order"
+
+
+@pytest.mark.parametrize(
+    ("django", "python", "possible"),
+    [("6.1", "3.11", False), ("6.1", "3.12", True), ("6.1", "3.13", True), ("5.2", "3.11", True)],
+)
+def test_combination_rule_knows_which_django_runs_on_which_python(
+    pre_gen: ModuleType, django: str, python: str, possible: bool
+) -> None:
+    problem = pre_gen.combination_problem({"django_version": django, "python_version": python})
+    assert (problem is None) == possible, f"Django {django} on Python {python}: {problem}"
+    if problem is not None:
+        assert "\n" not in problem, "the error must be one line"
+        assert problem.startswith(f"ERROR: django_version '{django}' needs Python "), problem
+
+
+def test_version_comparison_is_numeric_not_textual(pre_gen: ModuleType) -> None:
+    # As strings "3.9" > "3.12"; as versions it is older.
+    assert pre_gen._version("3.9") < pre_gen._version("3.12")
+
+
+def test_first_error_reports_an_impossible_combination_after_single_answers(
+    pre_gen: ModuleType,
+) -> None:
+    answers = DEFAULT_ANSWERS | {"django_version": "6.1", "python_version": "3.11"}
+    error = pre_gen.first_error(answers)
+    assert error is not None, "Django 6.1 on Python 3.11 was accepted"
+    assert error.startswith("ERROR: django_version '6.1' needs Python 3.12"), error
+    bad_slug = pre_gen.first_error(answers | {"project_slug": "Bad-Slug"})
+    assert bad_slug is not None, "a bad slug was accepted"
+    assert bad_slug.startswith("ERROR: project_slug"), "single answers must be reported first"

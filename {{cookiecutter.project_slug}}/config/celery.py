@@ -5,6 +5,7 @@ Workers start with ``celery -A config worker`` (see ``bin/worker``).
 
 import os
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from celery.signals import (
@@ -28,7 +29,7 @@ app.steps["worker"].add(NodeStep)
 
 
 @worker_init.connect
-def retry_result_writes(sender=None, **_kwargs) -> None:
+def retry_result_writes(sender: Any = None, **_kwargs: object) -> None:
     """In a worker, keep trying to store a result while Redis is away (see the settings),
     so a task that ran does not end FAILURE for a Redis restart; the web answers 503 at
     once instead."""
@@ -37,7 +38,7 @@ def retry_result_writes(sender=None, **_kwargs) -> None:
 
 @task_prerun.connect
 @task_postrun.connect
-def close_old_connections(**kwargs) -> None:
+def close_old_connections(**kwargs: object) -> None:
     """Treat each task like Django treats each request: keep a connection while it is
     usable and younger than ``CONN_MAX_AGE``, check it before reuse (``CONN_HEALTH_CHECKS``).
 
@@ -58,12 +59,12 @@ def close_old_connections(**kwargs) -> None:
 HEARTBEAT_FILE = os.environ.get("CELERY_HEARTBEAT_FILE", "")
 
 
-def touch_heartbeat(**_kwargs) -> None:
+def touch_heartbeat(**_kwargs: object) -> None:
     """Mark this process alive for its container's health check."""
     Path(HEARTBEAT_FILE).touch()
 
 
-def beat_heartbeat(**_kwargs) -> None:
+def beat_heartbeat(**_kwargs: object) -> None:
     """In beat: mark it alive now and after every message it publishes."""
     touch_heartbeat()
     after_task_publish.connect(touch_heartbeat, weak=False)

@@ -6,7 +6,7 @@ Its 200 also says how many API clients of the answering process wait for a stop 
 import redis
 from django.conf import settings
 from django.db import DatabaseError, connection
-from django.http import JsonResponse
+from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
 from tasksignal.waiting import hub
@@ -34,7 +34,7 @@ def _check_redis() -> str | None:
 
 
 @require_GET
-def healthz(request):
+def healthz(request: HttpRequest) -> JsonResponse:
     """Report whether this instance can reach its database and its broker, and how many
     API clients of this process wait for a stop."""
     problems = [p for p in (_check_database(), _check_redis()) if p]

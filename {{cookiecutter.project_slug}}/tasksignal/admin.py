@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
-from django.db.models import OuterRef, Subquery
-from django.urls import path, reverse
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
@@ -31,9 +34,14 @@ from django.utils.translation import ngettext
 from tasksignal import admin_views
 from tasksignal.admin_filters import AgeFilter, CancelOutcomeFilter, TaskNameFilter, WorkerFilter
 from tasksignal.admin_forms import SignalAddForm
-from tasksignal.models import ApiToken, CeleryTaskSignal, TaskRun
+from tasksignal.models import ApiToken, CeleryTaskSignal, TaskRun, TaskRunQuerySet
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState, Source
+
+if TYPE_CHECKING:  # django-stubs makes ModelAdmin generic; Django's class takes no parameters
+    _ModelAdmin = admin.ModelAdmin[Any]
+else:
+    _ModelAdmin = admin.ModelAdmin
 
 SEND_PERMISSION = "tasksignal.add_celerytasksignal"
 START_PERMISSION = "tasksignal.add_taskrun"
@@ -45,7 +53,7 @@ OUTCOME_LABELS = dict(Outcome.CHOICES)
 
 
 # -- helpers the views and the tests share ---------------------------------------------------
-def send_to_runs(runs, signal: str, user) -> int:
+def send_to_runs(runs: TaskRunQuerySet, signal: str, user: Any) -> int:
     """Send ``signal`` to every unfinished run in ``runs``, as ``user`` from the admin;
     return how many runs now have one pending (a signal already pending counts)."""
     task_ids = list(runs.unfinished().values_list("task_id", flat=True))
@@ -55,7 +63,7 @@ def send_to_runs(runs, signal: str, user) -> int:
     return len(rows)
 
 
-def signal_run(run: TaskRun, signal: str, user) -> tuple[int, str]:
+def signal_run(run: TaskRun, signal: str, user: Any) -> tuple[int, str]:
     """Send ``signal`` to ``run`` for ``user`` if its state allows it (see
     :meth:`TaskRun.allowed_signals`); return a message level and what happened.
 
@@ -123,17 +131,17 @@ def format_latency(value: timedelta | None) -> str:
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
-class SignalSendingAdmin(admin.ModelAdmin):
+class SignalSendingAdmin(_ModelAdmin):
     """Grants the ``signal`` action permission to users who may add signal rows."""
 
-    def has_signal_permission(self, request) -> bool:
+    def has_signal_permission(self, request: HttpRequest) -> bool:
         """Whether the user may send signals (``tasksignal.add_celerytasksignal``)."""
         return request.user.has_perm(SEND_PERMISSION)
 
 
-def _signal_action(signal: str, verb: str):
+def _signal_action(signal: str, verb: str) -> Any:
     @admin.action(description=f"{verb.capitalize()} selected runs", permissions=["signal"])
-    def action(modeladmin, request, queryset):
+    def action(modeladmin: Any, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
         modeladmin.report_sent(request, send_to_runs(queryset, signal, request.user), verb)
 
     action.__name__ = f"{verb}_selected"
@@ -204,39 +212,47 @@ class TaskRunAdmin(SignalSendingAdmin):
     )
 
     # -- permissions -------------------------------------------------------------------
-    def has_add_permission(self, request) -> bool:
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs are recorded by workers, never typed in ("Start a task" starts one)
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # read-only: a run's page has no Save buttons
 
-    def has_delete_permission(self, request, obj=None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # An unfinished run's worker would write a blank row again.
         if obj is not None and obj.state not in RunState.FINISHED:
             return False
         return super().has_delete_permission(request, obj)
 
-    def has_start_permission(self, request) -> bool:
+    def has_start_permission(self, request: HttpRequest) -> bool:
         """Whether the user may start tasks (``tasksignal.add_taskrun``), as in the API."""
         return request.user.has_perm(START_PERMISSION)
 
-    def get_actions(self, request):
-        actions = super().get_actions(request)
+    def get_actions(self, request: HttpRequest, action_location: Any = None) -> Any:
+        # Django 6.1 passes where the actions show (action_location) and deprecates overrides
+        # that do not take it; Django 5.2 passes nothing.
+        if action_location is None:
+            actions = super().get_actions(request)
+        else:
+            # (5.2's stubs know no such argument; 6.1's do.)
+            actions = super().get_actions(  # type: ignore[call-arg, unused-ignore]
+                request, action_location=action_location
+            )
         actions.pop("delete_selected", None)  # it would delete running runs too
         return actions
 
     # -- lists -------------------------------------------------------------------------
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         return super().get_queryset(request).with_signal_facts()
 
-    def get_list_display(self, request):
+    def get_list_display(self, request: HttpRequest) -> Any:
         if not self.has_signal_permission(request):
             return self.list_display
         # The buttons beside the state they act on, where a narrow screen still shows them.
         at = self.list_display.index("state_display") + 1
         return [*self.list_display[:at], "row_actions", *self.list_display[at:]]
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         info = self.opts.app_label, self.opts.model_name
         wrap = self.admin_site.admin_view
         prefix = "{}_{}".format(*info)
@@ -256,7 +272,9 @@ class TaskRunAdmin(SignalSendingAdmin):
             *super().get_urls(),
         ]
 
-    def changelist_view(self, request, extra_context=None):
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
         context = admin_views.live_context(self, request)
         newest = TaskRun.objects.order_by("-pk").values_list("pk", flat=True).first()
         context["newest_run"] = newest or 0
@@ -268,7 +286,13 @@ class TaskRunAdmin(SignalSendingAdmin):
             context["cancel_matching_url"] = f"{url}?{query}" if query else url
         return super().changelist_view(request, {**context, **(extra_context or {})})
 
-    def change_view(self, request, object_id, form_url="", extra_context=None):
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
         run = self.get_object(request, object_id)
         context = admin_views.live_context(self, request)
         if run is not None:
@@ -285,7 +309,7 @@ class TaskRunAdmin(SignalSendingAdmin):
         context.update(extra_context or {})
         return super().change_view(request, object_id, form_url, context)
 
-    def report_sent(self, request, count: int, verb: str) -> None:
+    def report_sent(self, request: HttpRequest, count: int, verb: str) -> None:
         """Tell the user how many runs a bulk send reached."""
         self.message_user(
             request,
@@ -300,7 +324,9 @@ class TaskRunAdmin(SignalSendingAdmin):
 
     # -- actions -----------------------------------------------------------------------
     @admin.action(description="Cancel selected runs…", permissions=["signal"])
-    def cancel_selected(self, request, queryset):
+    def cancel_selected(
+        self, request: HttpRequest, queryset: TaskRunQuerySet
+    ) -> HttpResponseBase | None:
         """Ask for confirmation, showing how many unfinished runs would be cancelled."""
         if request.POST.get("post") == "yes":
             self.report_sent(request, send_to_runs(queryset, CANCEL_TASK, request.user), "cancel")
@@ -308,7 +334,7 @@ class TaskRunAdmin(SignalSendingAdmin):
         return admin_views.cancel_confirmation(self, request, queryset, selected=True)
 
     @admin.action(description="Delete selected finished runs", permissions=["delete"])
-    def delete_finished(self, request, queryset):
+    def delete_finished(self, request: HttpRequest, queryset: TaskRunQuerySet) -> None:
         """Delete the finished runs among those selected; keep the others, and say so."""
         finished = queryset.filter(state__in=RunState.FINISHED)
         deleted = finished.count()
@@ -453,7 +479,7 @@ class TaskRunAdmin(SignalSendingAdmin):
         """The return value (from Celery's result backend), or how the run ended."""
         return admin_views.result_html(run)
 
-    def timeline(self, run: TaskRun) -> list[dict]:
+    def timeline(self, run: TaskRun) -> list[dict[str, Any]]:
         """The run's story, oldest first: queued, started, each signal sent, acknowledged
         and completed (with its outcome and latency), finished."""
         return admin_views.timeline(run)
@@ -501,24 +527,26 @@ class CeleryTaskSignalAdmin(SignalSendingAdmin):
     ]
     readonly_fields = ["task_link", "sent", "acknowledged", "completed_time", "latency"]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         run = TaskRun.objects.filter(task_id=OuterRef("task_id")).values("pk")[:1]
         return super().get_queryset(request).annotate(run_pk=Subquery(run))
 
-    def get_fields(self, request, obj=None):
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         # The add form: only what a person types (the rest the database fills in).
         return self.add_fields if obj is None else self.fields
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # a sent signal is immutable: its page is read-only
 
-    def save_model(self, request, obj, form, change) -> None:
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         row = CeleryTaskSignal.objects.send(
             obj.task_id, obj.signal, obj.message, requested_by=request.user, source=Source.ADMIN
         )
         obj.pk, obj.already_pending, obj.created = row.pk, row.already_pending, row.created
 
-    def response_add(self, request, obj, post_url_continue=None):
+    def response_add(
+        self, request: HttpRequest, obj: Any, post_url_continue: str | None = None
+    ) -> HttpResponse:
         """Say what happened (a duplicate answers with the signal that was pending), then
         go to the task's run, or to the signal when no run is recorded."""
         if obj.already_pending:
@@ -567,7 +595,7 @@ class CeleryTaskSignalAdmin(SignalSendingAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(_ModelAdmin):
     """Tokens are listed and deleted (revoked) here; ``create_api_token`` makes them, since
     only it can show the secret once."""
 
@@ -575,8 +603,8 @@ class ApiTokenAdmin(admin.ModelAdmin):
     list_select_related = ["user"]
     search_fields = ["name", "user__username"]
 
-    def get_readonly_fields(self, request, obj=None):
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return [field.name for field in ApiToken._meta.fields]
 
-    def has_add_permission(self, request) -> bool:
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -8,9 +8,12 @@ few tasks and few workers, many runs).
 """
 
 from datetime import timedelta
+from typing import Any
 
 from django.contrib import admin
 from django.db import connection
+from django.db.models import QuerySet
+from django.http import HttpRequest
 from django.utils import timezone
 
 from tasksignal.models import CeleryTaskSignal, TaskRun
@@ -51,11 +54,11 @@ class DistinctValueFilter(admin.SimpleListFilter):
 
     column = ""
 
-    def lookups(self, request, model_admin):
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         """Every distinct value of the column (up to :data:`MAX_FILTER_VALUES`)."""
         return [(value, value) for value in distinct_values(self.column)]
 
-    def queryset(self, request, queryset):
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         """Runs whose column is the chosen value."""
         if self.value() is None:
             return queryset
@@ -93,12 +96,12 @@ class CancelOutcomeFilter(admin.SimpleListFilter):
         Outcome.KILLED: "killed (its process)",
     }
 
-    def lookups(self, request, model_admin):
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         """The four rungs of the ladder, a cancel pending, and never cancelled."""
         rungs = [(rung, self.HINTS.get(rung, rung)) for rung in Outcome.LADDER]
         return [*rungs, (self.PENDING, "cancel pending"), (self.NONE, "never cancelled")]
 
-    def queryset(self, request, queryset):
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         """Runs with a cancel of that outcome (by the partial index on cancels' outcomes)."""
         value = self.value()
         if value is None:
@@ -125,7 +128,7 @@ class AgeFilter(admin.SimpleListFilter):
     OLDER = "older"
     NOT_STARTED = "not-started"
 
-    def lookups(self, request, model_admin):
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         """Recent windows, older than a week, and not started yet (queued)."""
         return [
             *((key, label) for key, (label, _) in self.AGES.items()),
@@ -133,7 +136,7 @@ class AgeFilter(admin.SimpleListFilter):
             (self.NOT_STARTED, "not started yet"),
         ]
 
-    def queryset(self, request, queryset):
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         """Runs started within the chosen window."""
         value = self.value()
         if value is None:

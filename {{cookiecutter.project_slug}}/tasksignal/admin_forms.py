@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import current_app
 from django import forms
@@ -11,6 +12,11 @@ from django.core.exceptions import ValidationError
 
 from tasksignal import conf
 from tasksignal.models import CeleryTaskSignal, TaskRun
+
+if TYPE_CHECKING:  # django-stubs makes ModelForm generic; Django's class takes no parameters
+    _ModelForm = forms.ModelForm[CeleryTaskSignal]
+else:
+    _ModelForm = forms.ModelForm
 
 
 def known_task(task_id: str) -> bool:
@@ -22,7 +28,7 @@ def known_task(task_id: str) -> bool:
     )
 
 
-class SignalAddForm(forms.ModelForm):
+class SignalAddForm(_ModelForm):
     """A signal typed in by hand: refused for a task id nothing records, unless the
     sender says it knows better (a task still queued), as ``--force`` does on the
     command line. A signal of a kind already pending for the task is answered with the
@@ -39,7 +45,7 @@ class SignalAddForm(forms.ModelForm):
         model = CeleryTaskSignal
         fields = ["task_id", "signal", "message"]
 
-    def clean(self):
+    def clean(self) -> dict[str, Any] | None:
         """Refuse an unknown task id unless "Send anyway" is ticked."""
         cleaned = super().clean()
         task_id = cleaned.get("task_id")
@@ -67,12 +73,12 @@ class StartTaskForm(forms.Form):
         help_text='A JSON object, e.g. {"steps": 50, "step_seconds": 0.2}.',
     )
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         names = conf.get("TASKSIGNAL_STARTABLE_TASKS")
         self.fields["task"].choices = [(name, name) for name in names]
 
-    def clean_kwargs(self) -> dict:
+    def clean_kwargs(self) -> dict[str, Any]:
         """A JSON object; checked against the task's signature when this process knows it."""
         text = self.cleaned_data["kwargs"].strip() or "{}"
         try:
@@ -85,7 +91,7 @@ class StartTaskForm(forms.Form):
             raise ValidationError("Must be a JSON object (keyword arguments by name).", code="type")
         return value
 
-    def clean(self):
+    def clean(self) -> dict[str, Any] | None:
         """Refuse keyword arguments the task does not take, before it is queued."""
         cleaned = super().clean()
         name, kwargs = cleaned.get("task"), cleaned.get("kwargs")
@@ -96,7 +102,7 @@ class StartTaskForm(forms.Form):
         return cleaned
 
 
-def signature_problem(name: str, kwargs: dict) -> str | None:
+def signature_problem(name: str, kwargs: dict[str, Any]) -> str | None:
     """Why task ``name`` cannot be called with ``kwargs``, or ``None`` when it can (or when
     this process does not have the task: the worker will say)."""
     task = current_app.tasks.get(name)
@@ -113,5 +119,5 @@ def signature_problem(name: str, kwargs: dict) -> str | None:
     return None
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")

@@ -10,13 +10,22 @@ run's id, besides the session and user lookups every admin request makes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from celery import current_app, states
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponseNotAllowed, HttpResponseRedirect, JsonResponse
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+    JsonResponse,
+)
+from django.http.response import HttpResponseBase
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -25,9 +34,12 @@ from django.utils.http import url_has_allowed_host_and_scheme
 
 from tasksignal import conf
 from tasksignal.admin_forms import StartTaskForm
-from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.models import CeleryTaskSignal, TaskRun, TaskRunQuerySet
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.states import Outcome, RunState, Source
+
+#: A view of the admin's own URLs, wrapped by ``admin_site.admin_view``.
+View = Callable[..., HttpResponseBase]
 
 #: Most runs one poll of the live view reports (a page holds at most ``list_per_page``).
 MAX_LIVE_RUNS = 500
@@ -47,7 +59,7 @@ def startable_tasks() -> list[str]:
     return list(conf.get("TASKSIGNAL_STARTABLE_TASKS"))
 
 
-def live_context(model_admin, request) -> dict:
+def live_context(model_admin: Any, request: HttpRequest) -> dict[str, Any]:
     """What every page that updates itself needs: where to poll, and the user's rights."""
     return {
         "live_url": reverse("admin:tasksignal_taskrun_live"),
@@ -55,7 +67,7 @@ def live_context(model_admin, request) -> dict:
     }
 
 
-def _wants_json(request) -> bool:
+def _wants_json(request: HttpRequest) -> bool:
     return "application/json" in request.headers.get("Accept", "")
 
 
@@ -65,7 +77,9 @@ def _changelist_url(query: str = "") -> str:
 
 
 # -- live rows ------------------------------------------------------------------------------
-def live_cells(model_admin, request, run: TaskRun, detail: bool = False) -> dict[str, str]:
+def live_cells(
+    model_admin: Any, request: HttpRequest, run: TaskRun, detail: bool = False
+) -> dict[str, str]:
     """The HTML of each cell of ``run`` that changes while it is live, by ``field-`` name:
     the same methods render the list and the run page, so a poll shows what a reload would."""
     names = list(model_admin.LIVE_CELLS)
@@ -80,7 +94,7 @@ def live_cells(model_admin, request, run: TaskRun, detail: bool = False) -> dict
     return cells
 
 
-def live_view(model_admin):
+def live_view(model_admin: Any) -> View:
     """``GET live/?ids=1,2,3``: the live cells of those runs, as JSON.
 
     Answers ``{"runs": {"<pk>": {"live": bool, "cells": {...}}}, "newest": <pk>}``, where
@@ -89,7 +103,7 @@ def live_view(model_admin):
     timeline and result.
     """
 
-    def view(request):
+    def view(request: HttpRequest) -> HttpResponseBase:
         if not model_admin.has_view_permission(request):
             raise PermissionDenied
         try:
@@ -114,7 +128,7 @@ def live_view(model_admin):
 
 
 # -- a row's buttons ------------------------------------------------------------------------
-def signal_view(model_admin):
+def signal_view(model_admin: Any) -> View:
     """``POST <pk>/signal/<verb>/``: send cancel, pause or resume to one run.
 
     Answers JSON (``{"level", "message"}``; 409 when nothing was sent) to ``live.js``, and
@@ -122,7 +136,7 @@ def signal_view(model_admin):
     """
     from tasksignal.admin import VERBS, signal_run
 
-    def view(request, object_id, verb):
+    def view(request: HttpRequest, object_id: str, verb: str) -> HttpResponseBase:
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         kind = VERBS.get(verb)
@@ -151,7 +165,9 @@ def signal_view(model_admin):
 
 
 # -- bulk cancel --------------------------------------------------------------------------------
-def cancel_confirmation(model_admin, request, queryset, *, selected: bool):
+def cancel_confirmation(
+    model_admin: Any, request: HttpRequest, queryset: TaskRunQuerySet, *, selected: bool
+) -> HttpResponseBase:
     """The page that asks "cancel these N runs?" before a bulk cancel.
 
     ``selected``: the runs ticked in the list (the form posts the action again, with
@@ -176,12 +192,12 @@ def cancel_confirmation(model_admin, request, queryset, *, selected: bool):
     return TemplateResponse(request, "admin/tasksignal/taskrun/cancel_confirmation.html", context)
 
 
-def cancel_matching_view(model_admin):
+def cancel_matching_view(model_admin: Any) -> View:
     """``cancel-matching/?<the list's filters>``: confirm, then cancel every unfinished run
     the list shows with those filters (all its pages)."""
     from tasksignal.admin import send_to_runs
 
-    def view(request):
+    def view(request: HttpRequest) -> HttpResponseBase:
         if not model_admin.has_signal_permission(request):
             raise PermissionDenied
         try:
@@ -199,12 +215,12 @@ def cancel_matching_view(model_admin):
 
 
 # -- starting a task ----------------------------------------------------------------------------
-def start_view(model_admin):
+def start_view(model_admin: Any) -> View:
     """``start/``: start one of ``TASKSIGNAL_STARTABLE_TASKS`` with JSON kwargs, recorded
     as the API records it (a ``queued`` run first), then show its page."""
     from tasksignal.api import REDIS_ERRORS, REDIS_UNAVAILABLE, ApiError, start_recorded
 
-    def view(request):
+    def view(request: HttpRequest) -> HttpResponseBase:
         if not model_admin.has_start_permission(request):
             raise PermissionDenied
         form = StartTaskForm(request.POST or None)
@@ -234,7 +250,7 @@ def start_view(model_admin):
 
 
 # -- a run's page -------------------------------------------------------------------------------
-def timeline(run: TaskRun) -> list[dict]:
+def timeline(run: TaskRun) -> list[dict[str, Any]]:
     """The events of ``run``, oldest first: its start, every signal it was sent (by whom
     and how), acknowledged and completed (outcome, latency, error), and its end.
 

@@ -25,8 +25,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import kombu.exceptions
 import redis
@@ -50,6 +51,9 @@ from tasksignal.exceptions import UnknownSignal
 from tasksignal.models import CeleryTaskSignal, TaskRun
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK, get_signal_kind
 from tasksignal.states import RECORDED_HEADER, RunState, Source
+
+#: A Django view, as the URLconf calls it.
+View = Callable[..., HttpResponse]
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +91,23 @@ class ApiError(Exception):
 class Encoder(DjangoJSONEncoder):
     """Django's JSON, but times to the microsecond (the database clock's resolution)."""
 
-    def default(self, o):
+    def default(self, o: object) -> Any:
         """Datetimes as full ISO 8601; everything else as Django encodes it."""
         if isinstance(o, datetime):
             return o.isoformat()
         return super().default(o)
 
 
-def json_response(data: dict, status: int = 200, headers: dict[str, str] | None = None):
+def json_response(
+    data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> JsonResponse:
     """A JSON answer, encoded with :class:`Encoder`."""
     return JsonResponse(data, status=status, headers=headers, encoder=Encoder)
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None):
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JsonResponse:
     """``{"error": message}`` with ``status`` and ``headers``."""
     return json_response({"error": message}, status, headers)
 
@@ -151,7 +159,7 @@ class JsonBodyParser(Parser):
     empty form (what some clients send for "no body") is ``{}``. Query parameters, strictly:
     each at most once."""
 
-    def parse_body(self, request: HttpRequest) -> dict:
+    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
         """Parse the body; a ``ValueError`` says what is wrong with it."""
         raw = request.body
         if not raw.strip() or _empty_form(request):
@@ -166,7 +174,9 @@ class JsonBodyParser(Parser):
             raise ValueError("request body must be a JSON object")
         return data
 
-    def parse_querydict(self, data, list_fields, request: HttpRequest) -> dict:
+    def parse_querydict(
+        self, data: Any, list_fields: list[str], request: HttpRequest
+    ) -> dict[str, Any]:
         """Query parameters, each given once (ninja would silently keep the last one)."""
         repeated = sorted(
             key for key in data if key not in list_fields and len(data.getlist(key)) > 1
@@ -176,7 +186,7 @@ class JsonBodyParser(Parser):
         return super().parse_querydict(data, list_fields, request)
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
@@ -329,7 +339,7 @@ class TokenOrSession(AuthBase):
         super().__init__()
         self.permission = permission
 
-    def __call__(self, request: HttpRequest):
+    def __call__(self, request: HttpRequest) -> Any:
         caller = authenticate(request)
         if not caller.by_token and request.method not in SAFE_METHODS:
             reason = csrf_failure(request)
@@ -352,22 +362,22 @@ api = NinjaAPI(
 
 
 @api.exception_handler(ApiError)
-def _api_error(request, exc: ApiError):
+def _api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
     return error_response(exc.status, exc.message, exc.headers)
 
 
 @api.exception_handler(AuthenticationFailed)
-def _unauthenticated(request, exc: AuthenticationFailed):
+def _unauthenticated(request: HttpRequest, exc: AuthenticationFailed) -> HttpResponse:
     return error_response(401, exc.message, {"WWW-Authenticate": exc.challenge})
 
 
 @api.exception_handler(PermissionDenied)
-def _forbidden(request, exc: PermissionDenied):
+def _forbidden(request: HttpRequest, exc: PermissionDenied) -> HttpResponse:
     return error_response(403, str(exc) or "permission denied")
 
 
 @api.exception_handler(ValidationError)
-def _invalid(request, exc: ValidationError):
+def _invalid(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     problems = []
     for error in exc.errors:
         where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "body"
@@ -376,7 +386,7 @@ def _invalid(request, exc: ValidationError):
 
 
 @api.exception_handler(HttpError)
-def _http_error(request, exc: HttpError):
+def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     # A body that cannot be parsed: the parser's own message says why.
     cause = exc.__cause__
     message = str(cause) if exc.status_code == 400 and isinstance(cause, ValueError) else None
@@ -384,24 +394,24 @@ def _http_error(request, exc: HttpError):
 
 
 @api.exception_handler(waiting.ClientGone)
-def _client_gone(request, exc: waiting.ClientGone):
+def _client_gone(request: HttpRequest, exc: waiting.ClientGone) -> HttpResponse:
     logger.info("client waiting for %s went away", exc)
     return error_response(499, "client closed the connection")  # nobody reads it
 
 
 @api.exception_handler(UnknownSignal)
-def _unknown_signal(request, exc: UnknownSignal):
+def _unknown_signal(request: HttpRequest, exc: UnknownSignal) -> HttpResponse:
     return error_response(400, str(exc))
 
 
 @api.exception_handler(RequestDataTooBig)
-def _too_big(request, exc: RequestDataTooBig):
+def _too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     return error_response(413, "request body too large")
 
 
 @api.exception_handler(OperationalError)
 @api.exception_handler(InterfaceError)
-def _database_down(request, exc: Exception):
+def _database_down(request: HttpRequest, exc: Exception) -> HttpResponse:
     logger.warning("API request failed, database unavailable: %s", exc)
     return error_response(503, DATABASE_UNAVAILABLE)
 
@@ -409,7 +419,7 @@ def _database_down(request, exc: Exception):
 @api.exception_handler(redis.RedisError)
 @api.exception_handler(kombu.exceptions.OperationalError)
 @api.exception_handler(BackendError)
-def _redis_down(request, exc: Exception):
+def _redis_down(request: HttpRequest, exc: Exception) -> HttpResponse:
     logger.warning("API request failed, Redis unavailable: %s", exc)
     return error_response(503, REDIS_UNAVAILABLE)
 
@@ -428,7 +438,7 @@ def _check_task_id(task_id: str) -> None:
         raise _unknown_task(task_id) from None
 
 
-def _query(statement: str, params) -> list:
+def _query(statement: str, params: Any) -> list[tuple[Any, ...]]:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         return cursor.fetchall()
@@ -453,7 +463,7 @@ def _release_connection() -> None:
     url_name="task-start",
     summary="Start a task",
 )
-def start_task(request, payload: StartIn):
+def start_task(request: HttpRequest, payload: StartIn) -> HttpResponse:
     """Record a queued run, then queue the task once that commits (a worker that picks it up
     at once finds its record). Only the tasks in ``TASKSIGNAL_STARTABLE_TASKS`` may start.
 
@@ -470,7 +480,7 @@ def start_task(request, payload: StartIn):
     return json_response(body, 202, {"Location": location})
 
 
-def start_recorded(name: str, kwargs: dict) -> str:
+def start_recorded(name: str, kwargs: dict[str, Any]) -> str:
     """Start task ``name`` with ``kwargs`` with a ``queued`` run record; return its id.
 
     The record commits first, then the message goes out, marked so that even a task that
@@ -498,7 +508,7 @@ def start_recorded(name: str, kwargs: dict) -> str:
     return task_id
 
 
-def _kept_kwargs(kwargs: dict) -> dict | None:
+def _kept_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """``kwargs`` to keep on the run record, or ``None`` when PostgreSQL's ``jsonb`` cannot
     store them: a NUL character or a lone surrogate (the task itself may well take them)."""
     text = json.dumps(kwargs, ensure_ascii=False)
@@ -536,7 +546,7 @@ def _redis_failure(exc: BaseException) -> bool:
     url_name="task-list",
     summary="List runs",
 )
-def list_tasks(request, filters: Query[RunFilters]):
+def list_tasks(request: HttpRequest, filters: Query[RunFilters]) -> HttpResponse:
     """Runs, newest first, filtered by state, task name and worker, a page at a time.
 
     Permission: ``tasksignal.view_taskrun``."""
@@ -584,7 +594,7 @@ def list_tasks(request, filters: Query[RunFilters]):
     url_name="task-detail",
     summary="Read a task (optionally waiting for it to finish)",
 )
-def task_status(request, task_id: str, query: Query[WaitParameters]):
+def task_status(request: HttpRequest, task_id: str, query: Query[WaitParameters]) -> HttpResponse:
     """Celery state, run record, signals and cancel latency; with ``wait``, answered when the
     task finishes (stopped, succeeded or failed) or when ``wait`` seconds have passed.
 
@@ -606,7 +616,7 @@ def task_status(request, task_id: str, query: Query[WaitParameters]):
             )
 
 
-def read_status(task_id: str) -> dict:
+def read_status(task_id: str) -> dict[str, Any]:
     """The status document of ``task_id``; raises a 404 ``ApiError`` if nothing knows it."""
     ((found, name, run_state, worker, pid, started, finished, current, total, message, error,
       signals),) = _query(sql.task_status(), {"task_id": task_id})  # fmt: skip
@@ -650,13 +660,13 @@ def read_status(task_id: str) -> dict:
     }
 
 
-def _latency_ms(signal: dict) -> float | None:
+def _latency_ms(signal: dict[str, Any]) -> float | None:
     if signal["completed_at"] is None:
         return None
     return round((signal["completed_at"] - signal["created"]).total_seconds() * 1000, 3)
 
 
-def _jsonable(value):
+def _jsonable(value: object) -> object:
     try:
         json.dumps(value)
     except (TypeError, ValueError):
@@ -664,7 +674,9 @@ def _jsonable(value):
     return value
 
 
-def send(request, task_id: str, kind: str, message: str, wait: float = 0) -> HttpResponse:
+def send(
+    request: HttpRequest, task_id: str, kind: str, message: str, wait: float = 0
+) -> HttpResponse:
     """Send signal ``kind`` to ``task_id`` for ``request``'s user; with ``wait``, answer once
     the signal is completed or ``wait`` seconds have passed."""
     _check_task_id(task_id)
@@ -696,18 +708,20 @@ def send(request, task_id: str, kind: str, message: str, wait: float = 0) -> Htt
     return _signal_answer(row)
 
 
-def _write_signal(request, task_id: str, kind: str, message: str, too_late: bool) -> dict:
+def _write_signal(
+    request: HttpRequest, task_id: str, kind: str, message: str, too_late: bool
+) -> dict[str, Any]:
     row = CeleryTaskSignal.objects.send(
         task_id, kind, message, requested_by=request.auth, finished=too_late, source=Source.API
     )
     return {**_signal_row(row), "already_pending": row.already_pending}
 
 
-def _reread_signal(signal_id: int) -> dict:
+def _reread_signal(signal_id: int) -> dict[str, Any]:
     return _signal_row(CeleryTaskSignal.objects.get(pk=signal_id))
 
 
-def _signal_row(row: CeleryTaskSignal) -> dict:
+def _signal_row(row: CeleryTaskSignal) -> dict[str, Any]:
     latency = None
     if row.completed_at is not None:
         latency = round((row.completed_at - row.created).total_seconds() * 1000, 3)
@@ -724,7 +738,7 @@ def _signal_row(row: CeleryTaskSignal) -> dict:
     }
 
 
-def _signal_answer(row: dict) -> HttpResponse:
+def _signal_answer(row: dict[str, Any]) -> HttpResponse:
     # 200: done (honoured, or too late); 202: accepted, still to be acted on.
     return json_response(row, 200 if row["completed"] else 202)
 
@@ -740,8 +754,11 @@ SIGNAL_RESPONSES = {200: SignalOut, 202: SignalOut, **WRITE_ERRORS}
     summary="Cancel a task (optionally waiting for it to stop)",
 )
 def cancel_task(
-    request, task_id: str, query: Query[WaitParameters], payload: MessageIn | None = None
-):
+    request: HttpRequest,
+    task_id: str,
+    query: Query[WaitParameters],
+    payload: MessageIn | None = None,
+) -> HttpResponse:
     """Send ``cancel_task``: the task stops by the escalation ladder. 202 while the cancel is
     pending; 200 once it is completed (with ``wait``, as soon as the task stopped; at once,
     outcome ``too_late``, for a task that had finished).
@@ -758,8 +775,11 @@ def cancel_task(
     summary="Pause a task",
 )
 def pause_task(
-    request, task_id: str, query: Query[WaitParameters], payload: MessageIn | None = None
-):
+    request: HttpRequest,
+    task_id: str,
+    query: Query[WaitParameters],
+    payload: MessageIn | None = None,
+) -> HttpResponse:
     """Send ``pause_task``: the task blocks at its next checkpoint until resumed.
 
     Permission: ``tasksignal.add_celerytasksignal``."""
@@ -774,8 +794,11 @@ def pause_task(
     summary="Resume a paused task",
 )
 def resume_task(
-    request, task_id: str, query: Query[WaitParameters], payload: MessageIn | None = None
-):
+    request: HttpRequest,
+    task_id: str,
+    query: Query[WaitParameters],
+    payload: MessageIn | None = None,
+) -> HttpResponse:
     """Send ``resume_task``: a paused task carries on from its checkpoint.
 
     Permission: ``tasksignal.add_celerytasksignal``."""
@@ -789,28 +812,30 @@ def resume_task(
     url_name="task-signal",
     summary="Send any signal kind",
 )
-def signal_task(request, task_id: str, payload: SignalIn, query: Query[WaitParameters]):
+def signal_task(
+    request: HttpRequest, task_id: str, payload: SignalIn, query: Query[WaitParameters]
+) -> HttpResponse:
     """Send a built-in or registered signal kind (400 naming the known kinds otherwise).
 
     Permission: ``tasksignal.add_celerytasksignal``."""
     return send(request, task_id, payload.signal, payload.message, query.wait)
 
 
-def not_found(request, path: str = "") -> HttpResponse:
+def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
     """Any other path under the API: a JSON 404 (never Django's HTML page or a redirect)."""
     return error_response(404, f"no API endpoint at {request.path!r}")
 
 
-def openapi_document() -> dict:
+def openapi_document() -> dict[str, Any]:
     """The OpenAPI document as served (JSON: its status codes are strings)."""
     return json.loads(json.dumps(api.get_openapi_schema()))
 
 
-def get_only(view):
+def get_only(view: View) -> View:
     """Wrap a view that must answer GET (and HEAD) only."""
 
     @functools.wraps(view)
-    def answer(request, *args, **kwargs):
+    def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if request.method not in ("GET", "HEAD"):
             return HttpResponseNotAllowed(["GET"])
         return view(request, *args, **kwargs)
@@ -818,11 +843,11 @@ def get_only(view):
     return answer
 
 
-def json_405(view):
+def json_405(view: View) -> View:
     """Wrap a ninja view so that a method it does not answer gets a JSON 405 with ``Allow``."""
 
     @functools.wraps(view)
-    def answer(request, *args, **kwargs):
+    def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         response = view(request, *args, **kwargs)
         if response.status_code == 405 and "Allow" in response:
             allowed = ", ".join(sorted(method.strip() for method in response["Allow"].split(",")))

@@ -21,8 +21,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from django.contrib.auth import get_user_model
+from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 
 from tasksignal import conf, sql
@@ -54,7 +56,7 @@ class AuthenticationFailed(Exception):
 class Caller:
     """The user behind a request, and whether a token (rather than a session) vouched."""
 
-    user: object
+    user: Any  # an instance of AUTH_USER_MODEL
     by_token: bool
 
 
@@ -63,7 +65,7 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def create_token(user, name: str = "") -> tuple[ApiToken, str]:
+def create_token(user: Any, name: str = "") -> tuple[ApiToken, str]:
     """Make a token for ``user``; return the row and the secret (the only time it exists)."""
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken.objects.create(
@@ -83,7 +85,7 @@ class TokenCache:
         self._users: dict[str, tuple[object, float]] = {}
         self._lock = threading.Lock()
 
-    def user(self, key_hash: str):
+    def user(self, key_hash: str) -> Any:
         """The active user whose token has this hash, or ``None``."""
         now = time.monotonic()
         cached = self._users.get(key_hash)
@@ -109,7 +111,7 @@ class TokenCache:
 tokens = TokenCache()
 
 
-def user_for_secret(secret: str):
+def user_for_secret(secret: str) -> Any:
     """The active user whose token has this secret, or ``None``.
 
     The secret is looked up by its hash, so comparing hashes in the database leaks
@@ -120,7 +122,7 @@ def user_for_secret(secret: str):
     return tokens.user(hash_secret(secret))
 
 
-def authenticate(request) -> Caller:
+def authenticate(request: HttpRequest) -> Caller:
     """Return the :class:`Caller` of ``request``; raise :class:`AuthenticationFailed`."""
     header = request.META.get("HTTP_AUTHORIZATION")
     if header is not None:
@@ -140,12 +142,19 @@ def authenticate(request) -> Caller:
 
 
 class _CsrfCheck(CsrfViewMiddleware):
-    def _reject(self, request, reason):
+    """Django's CSRF check, answering why a request fails instead of a 403 page."""
+
+    def _reject(self, request: HttpRequest, reason: str) -> Any:  # the reason, not a response
         return reason
 
 
-def csrf_failure(request) -> str | None:
+def _unused(request: HttpRequest) -> HttpResponse:
+    """Stands for the view and the next middleware, which the check never calls."""
+    return HttpResponse()
+
+
+def csrf_failure(request: HttpRequest) -> str | None:
     """Why ``request`` fails Django's CSRF check, or ``None`` if it passes."""
-    check = _CsrfCheck(lambda request: None)
+    check = _CsrfCheck(_unused)
     check.process_request(request)
-    return check.process_view(request, None, (), {})
+    return cast("str | None", check.process_view(request, _unused, (), {}))

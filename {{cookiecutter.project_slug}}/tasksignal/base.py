@@ -45,6 +45,8 @@ gevent); ``checkpoint()`` costs an attribute read when nothing is pending.
 """
 
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import states
 from celery.contrib.django.task import DjangoTask
@@ -60,7 +62,15 @@ from tasksignal.states import Outcome
 logger = logging.getLogger(__name__)
 
 
-class SignalAwareTask(DjangoTask):
+if TYPE_CHECKING:  # celery-types makes Task generic; Celery's class takes no parameters
+    _TaskBase = DjangoTask[Any, Any]
+else:
+    _TaskBase = DjangoTask
+
+_Callback = TypeVar("_Callback", bound=Callable[..., object])
+
+
+class SignalAwareTask(_TaskBase):
     """A Celery task whose running instances obey :class:`CeleryTaskSignal` rows."""
 
     abstract = True
@@ -101,7 +111,7 @@ class SignalAwareTask(DjangoTask):
         if run is not None and run.mailbox is not None:
             runtime.report_progress(run, current, total, message)
 
-    def add_cleanup(self, callback, *args, **kwargs):
+    def add_cleanup(self, callback: _Callback, *args: Any, **kwargs: Any) -> _Callback:
         """Run ``callback(*args, **kwargs)`` if this run is cancelled (last added, first run).
 
         Returns ``callback``, so it also works as a decorator inside the task body.
@@ -113,7 +123,7 @@ class SignalAwareTask(DjangoTask):
         return callback
 
     @property
-    def run_state(self) -> dict:
+    def run_state(self) -> dict[str, Any]:
         """A dict private to the current run, shared with custom signal handlers."""
         run = this_thread.run
         if run is None:
@@ -124,14 +134,15 @@ class SignalAwareTask(DjangoTask):
         """Override to clean up after a cancel (called once, after transactions rolled back)."""
 
     # -- Celery integration -------------------------------------------------------------
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly:
+        task_id = request.id
+        if request.called_directly or task_id is None:
             return super().__call__(*args, **kwargs)
-        run = runtime.begin(request.id, self.name)
+        run = runtime.begin(task_id, self.name)
         try:
             if run.cancel is not None:  # cancelled after the node handed the task over
-                raise TaskCancelled(request.id, Outcome.SKIPPED)
+                raise TaskCancelled(task_id, Outcome.SKIPPED)
             # Celery's trace has already pushed the request: call run(), not super().
             result = self.run(*args, **kwargs)
             run.finished = True
@@ -142,7 +153,7 @@ class SignalAwareTask(DjangoTask):
                 runtime.end(run)
                 raise
             # Task code turned our interrupt into another exception: still a cancel.
-            stopped = self._stop(run, TaskCancelled(request.id, Outcome.INTERRUPTED))
+            stopped = self._stop(run, TaskCancelled(task_id, Outcome.INTERRUPTED))
         else:
             runtime.end(run)
             return result

@@ -46,8 +46,10 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Bytes of one mailbox: one memory page.
 ENTRY_SIZE = 4096
@@ -272,7 +274,7 @@ class Board:
             return None
         return base
 
-    def post(self, index: int, task_id: str, signals: list[dict]) -> bool:
+    def post(self, index: int, task_id: str, signals: list[dict[str, Any]]) -> bool:
         """Put ``signals`` (the run's whole pending list) in the mailbox and raise attention.
 
         Messages too long for the mailbox are cut and marked ``truncated`` (the run reads
@@ -416,7 +418,7 @@ class Mailbox:
         """Offset of the attention byte in ``view`` (read it as ``view[attention_at]``)."""
         return self._base + ATTENTION_AT
 
-    def read_signals(self) -> tuple[int, list[dict]]:
+    def read_signals(self) -> tuple[int, list[dict[str, Any]]]:
         """``(attention, signals)``: the node half's current signal list, read consistently."""
         base = self._base
         for attempt in range(TORN_READ_RETRIES):
@@ -432,9 +434,10 @@ class Mailbox:
 
     def interrupts(self) -> int:
         """How many interrupts the node has requested for this run."""
-        return NODE.unpack_from(self._map, self._base + NODE_AT)[2]
+        interrupts: int = NODE.unpack_from(self._map, self._base + NODE_AT)[2]
+        return interrupts
 
-    def report(self, **fields) -> None:
+    def report(self, **fields: float | str | None) -> None:
         """Write fields of the run half: ``pid``, ``thread_ident``, ``run_state``,
         ``backend_pid``, ``started`` and ``stop_outcome`` (a rung of ``Outcome.LADDER``).
         """
@@ -469,7 +472,7 @@ class Mailbox:
         _SEQ_PACK(file_map, seq_at, seq + 2)
 
     @contextlib.contextmanager
-    def _writing(self):
+    def _writing(self) -> Iterator[None]:
         """Bracket a write of the run half by its sequence counter (odd while writing)."""
         at = self._base + RUN_AT
         (seq,) = SEQ.unpack_from(self._map, at)
@@ -548,7 +551,7 @@ def _read_ack(view: memoryview, base: int, number: int) -> Ack:
     return Ack(signal_id, name[:name_len].decode(), error.decode(errors="replace"))
 
 
-def _encode_signals(signals: list[dict]) -> bytes:
+def _encode_signals(signals: list[dict[str, Any]]) -> bytes:
     """JSON for the mailbox; messages are cut (and flagged) until the whole list fits."""
     data = json.dumps(signals, separators=(",", ":")).encode()
     budget = MAX_SIGNALS_JSON // max(len(signals), 1) - 96

@@ -22,6 +22,10 @@ True
 """
 
 import functools
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 def guard_closed_channels() -> None:
@@ -34,7 +38,7 @@ def guard_closed_channels() -> None:
         return
 
     @functools.wraps(connparams)
-    def guarded(self, *args, **kwargs):
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.connection is None or self.connection.client is None:
             raise redis_client.ConnectionError("this channel's broker connection is closed")
         return connparams(self, *args, **kwargs)
@@ -43,7 +47,7 @@ def guard_closed_channels() -> None:
     redis.Channel._connparams = guarded
 
 
-def restore_unacknowledged(app, task_ids: set[str]) -> int:
+def restore_unacknowledged(app: "Celery", task_ids: set[str]) -> int:
     """Give the unacknowledged Redis messages of ``task_ids`` back to their queues now;
     return how many. For any other broker, or none to restore, do nothing (0).
 

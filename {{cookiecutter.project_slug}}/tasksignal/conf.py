@@ -25,6 +25,8 @@
     Longest ``wait`` (seconds) an API client may ask for.
 """
 
+from typing import Any
+
 from django.conf import settings
 
 DEFAULTS = {
@@ -41,6 +43,6 @@ DEFAULTS = {
 }
 
 
-def get(name: str):
+def get(name: str) -> Any:
     """Return the setting ``name``, or its default from :data:`DEFAULTS`."""
     return getattr(settings, name, DEFAULTS[name])

@@ -1,5 +1,10 @@
 """The durable side of task signalling: signal rows and the record of task runs."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
 from django.conf import settings
 from django.contrib.postgres.expressions import ArraySubquery
 from django.db import connections, models
@@ -11,10 +16,12 @@ from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState, Source
 
 
-class CeleryTaskSignalQuerySet(models.QuerySet):
+class CeleryTaskSignalQuerySet(models.QuerySet["CeleryTaskSignal"]):
     """Queries over signals, named for what they mean."""
 
-    def pending(self, task_id: str | None = None, signal: str | None = None):
+    def pending(
+        self, task_id: str | None = None, signal: str | None = None
+    ) -> CeleryTaskSignalQuerySet:
         """Signals not completed yet, optionally for one task and/or of one kind."""
         qs = self.filter(completed=False)
         if task_id is not None:
@@ -38,7 +45,10 @@ class CeleryTaskSignalQuerySet(models.QuerySet):
         )
 
 
-class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuerySet)):
+_SignalManagerBase = models.Manager.from_queryset(CeleryTaskSignalQuerySet)
+
+
+class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
     """Sends signals: one statement writes the row and announces it to the workers."""
 
     def send(
@@ -46,11 +56,11 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         task_id: str,
         signal: str,
         message: str = "",
-        requested_by=None,
+        requested_by: Any = None,
         *,
         finished: bool = False,
         source: str = Source.CODE,
-    ):
+    ) -> CeleryTaskSignal:
         """Ask the task ``task_id`` to act on ``signal``; return the signal row.
 
         Sending a signal that is already pending for the task returns the existing row
@@ -76,7 +86,15 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
                 return row
         raise RuntimeError(f"could not send {signal} to {task_id}: the pending row kept changing")
 
-    def _insert(self, task_id, signal, message, requested_by, finished, source):
+    def _insert(
+        self,
+        task_id: str,
+        signal: str,
+        message: str,
+        requested_by: Any,
+        finished: bool,
+        source: str,
+    ) -> CeleryTaskSignal | None:
         """INSERT the row unless one is pending; return it, or None on conflict."""
         from tasksignal.notify import signal_channel
 
@@ -98,7 +116,7 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         if inserted is None:
             return None
         row_id, created, modified, completed, completed_at, _ = inserted
-        row = self.model(
+        row: CeleryTaskSignal = self.model(
             id=row_id,
             task_id=task_id,
             signal=signal,
@@ -118,8 +136,13 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
         return row
 
     def send_many(
-        self, task_ids, signal: str, message: str = "", requested_by=None, **options
-    ) -> list:
+        self,
+        task_ids: Iterable[str],
+        signal: str,
+        message: str = "",
+        requested_by: Any = None,
+        **options: Any,
+    ) -> list[CeleryTaskSignal]:
         """Send ``signal`` to each of ``task_ids``; return the pending rows, one per task.
 
         ``options`` are :meth:`send`'s keywords (``source``)."""
@@ -127,15 +150,21 @@ class CeleryTaskSignalManager(models.Manager.from_queryset(CeleryTaskSignalQuery
             self.send(task_id, signal, message, requested_by, **options) for task_id in task_ids
         ]
 
-    def cancel(self, task_id: str, message: str = "", requested_by=None, **options):
+    def cancel(
+        self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
+    ) -> CeleryTaskSignal:
         """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder."""
         return self.send(task_id, CANCEL_TASK, message, requested_by, **options)
 
-    def pause(self, task_id: str, message: str = "", requested_by=None, **options):
+    def pause(
+        self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
+    ) -> CeleryTaskSignal:
         """Send ``pause_task``: the task blocks at its next checkpoint until resumed."""
         return self.send(task_id, PAUSE_TASK, message, requested_by, **options)
 
-    def resume(self, task_id: str, message: str = "", requested_by=None, **options):
+    def resume(
+        self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
+    ) -> CeleryTaskSignal:
         """Send ``resume_task``: a paused task carries on from its checkpoint."""
         return self.send(task_id, RESUME_TASK, message, requested_by, **options)
 
@@ -183,6 +212,9 @@ class CeleryTaskSignal(models.Model):
 
     objects = CeleryTaskSignalManager()
 
+    #: Set by ``send``: whether the row was pending already (nothing new was written).
+    already_pending: bool = False
+
     class Meta:
         ordering = ["modified"]
         constraints = [
@@ -229,14 +261,14 @@ class CeleryTaskSignal(models.Model):
         return True
 
 
-class TaskRunQuerySet(models.QuerySet):
+class TaskRunQuerySet(models.QuerySet["TaskRun"]):
     """Queries over runs, named for what they mean."""
 
-    def unfinished(self):
+    def unfinished(self) -> TaskRunQuerySet:
         """Runs that may still do something: queued, running or paused."""
         return self.exclude(state__in=RunState.FINISHED)
 
-    def with_signal_facts(self):
+    def with_signal_facts(self) -> TaskRunQuerySet:
         """Annotate each run with what its signals say, in the same query (no query per row).
 
         ``cancel_outcome`` and ``cancel_latency`` (a ``timedelta``, on the database clock)

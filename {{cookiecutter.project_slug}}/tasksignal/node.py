@@ -58,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from celery import bootsteps
@@ -75,6 +76,13 @@ from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.runtime import BOARD_VARIABLE, INTERRUPT_SIGNAL
 from tasksignal.states import RECORDED_HEADER, Outcome, RunState
+
+if TYPE_CHECKING:
+    from tasksignal.exceptions import RunStopped
+
+#: A worker's request for a task message (``SignalAwareRequest`` for signal-aware tasks).
+#: ``Any``: celery-types' ``Request`` mistypes what the node reads (``worker_pid`` as ``str``).
+Request = Any
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +131,7 @@ def current() -> Node | None:
 class Admission:
     """A request the main thread handed to the pool (main thread only)."""
 
-    request: object
+    request: Request
     index: int | None
     killed: bool = False
 
@@ -140,7 +148,7 @@ class Question:
 class Observed:
     """A task that is not signal-aware, with a run record to keep (main thread only)."""
 
-    request: object
+    request: Request
     started: bool = False
 
 
@@ -153,8 +161,8 @@ class Tracked:
     index: int | None
     cancel_grace: float = 0.0
     kill_after: float = 0.0
-    signals: dict[int, dict] = field(default_factory=dict)
-    cancel: dict | None = None
+    signals: dict[int, dict[str, Any]] = field(default_factory=dict)
+    cancel: dict[str, Any] | None = None
     cancel_created: float = 0.0  # monotonic clock
     started: float | None = None  # monotonic clock
     pid: int | None = None
@@ -162,7 +170,7 @@ class Tracked:
     kill_at: float | None = None
     run_seq: int = -1
     run_state: int = boards.WAITING
-    progress: tuple | None = None
+    progress: tuple[float | None, float | None, str] | None = None
     stop_recorded: bool = False
 
 
@@ -185,12 +193,12 @@ class Node:
         self.record_runs = conf.get("TASKSIGNAL_RECORD_RUNS")
         self.done_channel = notify.done_channel()
         self.reconcile_interval = conf.get("TASKSIGNAL_RECONCILE_INTERVAL")
-        self.worker = None
-        self._hub = None
+        self.worker: Any = None  # the WorkController, from start()
+        self._hub: Any = None
         #: How many signal notifications reached this node (each for a task it holds).
         self.notices = 0
         #: What ``celery inspect tasksignal`` answers; replaced whole by the node's thread.
-        self.snapshot: dict = {}
+        self.snapshot: dict[str, Any] = {}
         # Main thread.
         self._admitted: dict[str, Admission] = {}
         self._observed: dict[str, Observed] = {}
@@ -198,14 +206,16 @@ class Node:
         self._application = f"tasksignal node {hostname}"[:63]
         self._questions: dict[tuple[str, str], Question] = {}
         # Main thread -> node thread; the thread is woken only while it sleeps.
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._sleeping = False
         self._sleep_until = 0.0
         # Node thread -> main thread: stops whose outcome is written (the main thread may
         # then let Celery acknowledge the message), the answers it waits for, kills to do.
         self._stops_written: set[str] = set()
-        self._stop_waiters: dict[str, concurrent.futures.Future] = {}
-        self._answers: collections.deque[tuple] = collections.deque()
+        self._stop_waiters: dict[str, concurrent.futures.Future[Any]] = {}
+        self._answers: collections.deque[tuple[tuple[str, str], concurrent.futures.Future[Any]]] = (
+            collections.deque()
+        )
         self._kills: collections.deque[str] = collections.deque()
         # Node thread.
         self._db: psycopg.Connection | None = None
@@ -218,9 +228,9 @@ class Node:
         # the end is still heard and settled too_late instead of staying pending.
         self._unlisten_later: set[str] = set()
         self._woken: set[int] = set()
-        self._completions: dict[tuple[str, str, str], list] = {}
+        self._completions: dict[tuple[str, str, str], list[Any]] = {}
         self._ended: list[str] = []
-        self._records: dict[str, dict] = {}
+        self._records: dict[str, dict[str, Any]] = {}
         self._next = dict.fromkeys(("poll", "reconcile", "flush", "snapshot", "unlisten"), 0.0)
         self._reconnect_at = 0.0
         self._outage = False
@@ -230,7 +240,7 @@ class Node:
         os.register_at_fork(after_in_child=self._forget_in_child)
 
     # -- lifecycle (main thread) -------------------------------------------------------
-    def start(self, worker) -> None:
+    def start(self, worker: Any) -> None:
         """Start the node's thread; ``worker`` is the worker (its pool carries out kills,
         its event loop, when it has one, receives the thread's answers)."""
         global _current
@@ -271,7 +281,7 @@ class Node:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, WAKE_FOR_EVENTS)
 
-    def _push(self, *event, urgent: bool = True) -> None:
+    def _push(self, *event: object, urgent: bool = True) -> None:
         """Hand an event to the node's thread; wake it only if ``urgent`` (others wait for
         its next wake-up: each costs the thread a few hundred microseconds of cold CPU)."""
         self._events.put(event)
@@ -282,10 +292,10 @@ class Node:
         ):
             self._wake()
 
-    def _ask(self, kind: str, task_id: str, *details):
+    def _ask(self, kind: str, task_id: str, *details: object) -> Any:
         """Have the node's thread do ``kind`` now and wait for its answer; ``None`` if it
         cannot answer within ``ANSWER_TIMEOUT`` (no database, say)."""
-        answer: concurrent.futures.Future = concurrent.futures.Future()
+        answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._push(kind, task_id, answer, *details)
         return _result(answer)
 
@@ -296,13 +306,18 @@ class Node:
         if self._hub is not None and self._answer_read not in self._hub.readers:
             self._hub.add_reader(self._answer_read, self._take_answers)
 
-    def _when_answered(self, key: tuple[str, str], answer, on_answer) -> None:
+    def _when_answered(
+        self,
+        key: tuple[str, str],
+        answer: concurrent.futures.Future[Any],
+        on_answer: Callable[[Any], None],
+    ) -> None:
         """Call ``on_answer(result)`` in the main thread once the future ``answer`` is done,
         or ``on_answer(None)`` after ``ANSWER_TIMEOUT``; only once either way."""
         self._questions[key] = Question(time.monotonic() + ANSWER_TIMEOUT, on_answer)
         answer.add_done_callback(lambda done: self._to_main(key, done))
 
-    def _to_main(self, key: tuple[str, str], answer) -> None:
+    def _to_main(self, key: tuple[str, str], answer: concurrent.futures.Future[Any]) -> None:
         """Any thread: hand an answer to the event loop (it wakes on the pipe)."""
         self._answers.append((key, answer))
         with contextlib.suppress(BlockingIOError):  # full: the loop has a wake-up pending
@@ -322,7 +337,7 @@ class Node:
             self._questions.pop(key).on_answer(None)
 
     # -- admission and run ends (main thread, from SignalAwareRequest) ---------------------
-    def hold(self, request) -> bool:
+    def hold(self, request: Request) -> bool:
         """Whether the worker must hold ``request`` back instead of handing it to the pool.
 
         The first time the worker hands it over, the node asks its thread whether a cancel
@@ -347,12 +362,12 @@ class Node:
             logger.error("task %s has no mailbox (%s): it cannot be signalled", task_id, exc)
         task = request.task
         grace, kill_after = task.resolved_cancel_grace(), task.resolved_kill_after()
-        answer: concurrent.futures.Future = concurrent.futures.Future()
+        answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._push("admit", task_id, answer, request.name, index, grace, kill_after)
         if self._hub is None:
             return not self._admit(request, index, _result(answer))
 
-        def admitted_or_not(verdict) -> None:
+        def admitted_or_not(verdict: bool | None) -> None:
             if self._admit(request, index, verdict):
                 try:
                     self.worker.process_task(request)  # to the pool, as Celery first tried
@@ -362,7 +377,7 @@ class Node:
         self._when_answered(("admit", task_id), answer, admitted_or_not)
         return True
 
-    def _admit(self, request, index: int | None, verdict: bool | None) -> bool:
+    def _admit(self, request: Request, index: int | None, verdict: bool | None) -> bool:
         """Act on the thread's verdict on ``request``: follow it, or skip it (and say so)."""
         task_id = request.id
         request._tasksignal_admitted = verdict is not False
@@ -377,7 +392,9 @@ class Node:
         self._admitted[task_id] = Admission(request, index)
         return True
 
-    def run_stopped(self, request, stopped, announce: Callable[[], None]) -> None:
+    def run_stopped(
+        self, request: Request, stopped: RunStopped, announce: Callable[[], None]
+    ) -> None:
         """A run ended by a cancel (:class:`~tasksignal.exceptions.RunStopped`): call
         ``announce()`` (Celery's revoke, which acknowledges the message) once the cancel's
         outcome is written, or after ``ANSWER_TIMEOUT``.
@@ -388,7 +405,7 @@ class Node:
         waiter = self._stop_waiters[task_id] = concurrent.futures.Future()
         self._push("stopped", task_id, stopped.outcome)
 
-        def written(ok) -> None:
+        def written(ok: object) -> None:
             self._stop_waiters.pop(task_id, None)
             if not ok:
                 logger.warning("the outcome of %s is not written yet; it will be", task_id)
@@ -402,13 +419,13 @@ class Node:
         else:
             self._when_answered(("stopped", task_id), waiter, written)
 
-    def run_failed(self, request, error: str) -> None:
+    def run_failed(self, request: Request, error: str) -> None:
         """A run ended with an exception (or was killed: then it is already recorded)."""
         admission = self._admitted.get(request.id)
         if admission is not None and not admission.killed:
             self._end(request.id, RunState.FAILED, error[:1000])
 
-    def observe(self, request) -> None:
+    def observe(self, request: Request) -> None:
         """Follow a task that is not signal-aware but has a run record (the API started it),
         so that its record does not stay ``queued``."""
         self._observed[request.id] = Observed(request)
@@ -630,11 +647,13 @@ class Node:
             with contextlib.suppress(*DATABASE_ERRORS):
                 db.close()
 
-    def _execute(self, statement, params=None) -> list:
+    def _execute(
+        self, statement: psql.Composed | psql.SQL | str, params: Any = None
+    ) -> list[tuple[Any, ...]]:
         """Run ``statement`` on the node's connection; return the rows of its last result."""
         cursor = self._db.execute(statement, params)
         self._maybe_notified = True  # the server may have sent some with its answer
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         while True:
             if cursor.description is not None:
                 rows = cursor.fetchall()
@@ -680,7 +699,9 @@ class Node:
                 answer.set_exception(exc)
                 raise  # the node reconnects; the events still queued wait for it
 
-    def _on_admit(self, task_id, task_name, index, cancel_grace, kill_after) -> bool | None:
+    def _on_admit(
+        self, task_id: str, task_name: str, index: int, cancel_grace: float, kill_after: float
+    ) -> bool | None:
         """``LISTEN`` for the task and read its signals (completing a cancel ``skipped``), in
         one round trip; follow the task unless it was cancelled. Answers whether it may run."""
         tracked = Tracked(task_id, task_name, index, cancel_grace, kill_after)
@@ -702,23 +723,23 @@ class Node:
         self._deliver_rows([(row[0], task_id, row[1], row[2], row[4]) for row in rows])
         return True
 
-    def _on_complete_kill(self, task_id) -> None:
+    def _on_complete_kill(self, task_id: str) -> None:
         self._stop(task_id, Outcome.KILLED, self._tracked.get(task_id))
         if self._db is not None:
             self._write_completions()
 
-    def _on_terminate_backend(self, task_id, backend_pid) -> None:
+    def _on_terminate_backend(self, task_id: str, backend_pid: int) -> None:
         if self._db is not None:
             self._execute("SELECT pg_terminate_backend(%s)", [backend_pid])
 
-    def _on_stopped(self, task_id, outcome) -> None:
+    def _on_stopped(self, task_id: str, outcome: str) -> None:
         tracked = self._tracked.get(task_id)
         if tracked is not None:
             self._poll_mailbox(tracked)  # its own report, if it made one
         if tracked is None or not tracked.stop_recorded:
             self._stop(task_id, outcome, tracked)
 
-    def _on_ended(self, task_id, task_name, state, error) -> None:
+    def _on_ended(self, task_id: str, task_name: str, state: str, error: str) -> None:
         tracked = self._tracked.pop(task_id, None) or Tracked(task_id, task_name, None)
         if task_id in self._listening:
             self._unlisten_later.add(task_id)
@@ -726,7 +747,14 @@ class Node:
         now = datetime.datetime.now(datetime.UTC)
         self._record(tracked, state=state, finished_at=now, error=error)
 
-    def _on_observed(self, task_id, task_name, pid, started, backend) -> None:
+    def _on_observed(
+        self,
+        task_id: str,
+        task_name: str,
+        pid: int | None,
+        started: float | None,
+        backend: Any,
+    ) -> None:
         tracked = Tracked(task_id, task_name, None)
         if backend is None:  # it started
             started_at = datetime.datetime.fromtimestamp(started, datetime.UTC)
@@ -755,14 +783,14 @@ class Node:
             elif payload["task_id"] in self._listening:  # it ended a moment ago
                 self._ended.append(payload["task_id"])  # the next write settles it too_late
 
-    def _deliver_rows(self, rows) -> None:
+    def _deliver_rows(self, rows: list[tuple[Any, ...]]) -> None:
         for row_id, task_id, kind, message, age in rows:
             tracked = self._tracked.get(task_id)
             if tracked is not None:
                 payload = {"id": row_id, "signal": kind, "message": message, "age": age}
                 self._deliver(tracked, payload)
 
-    def _deliver(self, tracked: Tracked, payload: dict) -> None:
+    def _deliver(self, tracked: Tracked, payload: dict[str, Any]) -> None:
         """Give ``tracked``'s run a signal, once: post its whole pending list again."""
         if payload["id"] in tracked.signals:
             return
@@ -869,7 +897,7 @@ class Node:
             )
 
     # -- writing ----------------------------------------------------------------------------
-    def _complete(self, by: str, outcome: str, key, error: str = "") -> None:
+    def _complete(self, by: str, outcome: str, key: object, error: str = "") -> None:
         """Queue a completion: signal rows by ``ids``, or the pending ``cancels`` of tasks."""
         self._completions.setdefault((by, outcome, error), []).append(key)
 
@@ -892,7 +920,7 @@ class Node:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(True)
 
-    def _record(self, tracked: Tracked, **fields) -> None:
+    def _record(self, tracked: Tracked, **fields: object) -> None:
         if not self.record_runs:
             return
         entry = self._records.get(tracked.task_id)
@@ -918,7 +946,9 @@ class Node:
             raise
 
 
-def records_parameters(records: dict[str, dict], ended: list[str]) -> dict[str, list]:
+def records_parameters(
+    records: dict[str, dict[str, Any]], ended: list[str]
+) -> dict[str, list[Any]]:
     """The parameters of ``sql.write_runs()`` for ``records`` (``{task_id: fields}``) and the
     task ids of the runs that ended.
 
@@ -931,7 +961,7 @@ def records_parameters(records: dict[str, dict], ended: list[str]) -> dict[str, 
     >>> params["task_id"], params["new_task_id"], params["state"], params["ended"]
     (['a'], ['a'], ['running'], ['b'])
     """
-    parameters: dict[str, list] = {"ended": ended}
+    parameters: dict[str, list[Any]] = {"ended": ended}
     for name in sql.RUN_COLUMNS:
         parameters[name], parameters[f"new_{name}"] = [], []
     for task_id, values in records.items():
@@ -958,7 +988,7 @@ def _nonblocking_pipe() -> tuple[int, int]:
     return read, write
 
 
-def _result(answer: concurrent.futures.Future):
+def _result(answer: concurrent.futures.Future[Any]) -> Any:
     """Wait for the node thread's answer, ``ANSWER_TIMEOUT`` at most; ``None`` without."""
     try:
         return answer.result(ANSWER_TIMEOUT)
@@ -966,7 +996,7 @@ def _result(answer: concurrent.futures.Future):
         return None
 
 
-def _posted(payload: dict) -> dict:
+def _posted(payload: dict[str, Any]) -> dict[str, Any]:
     """The part of a signal a run needs (not the node's bookkeeping)."""
     return {key: value for key, value in payload.items() if key != "age"}
 
@@ -978,7 +1008,7 @@ def _task_cancelled() -> type:
 
 
 @task_received.connect
-def _observe_recorded(request=None, **kwargs) -> None:
+def _observe_recorded(request: Any = None, **kwargs: object) -> None:
     """A task that is not signal-aware but whose run the producer recorded: follow it."""
     node = current()
     signal_aware = hasattr(request, "_tasksignal_admitted")  # a SignalAwareRequest
@@ -987,7 +1017,7 @@ def _observe_recorded(request=None, **kwargs) -> None:
 
 
 @inspect_command()
-def tasksignal(state, **kwargs) -> dict:
+def tasksignal(state: Any, **kwargs: object) -> dict[str, Any]:
     """What this node's signalling runtime holds: its tasks, their pending signals, whether
     it listens for them, and how many notices reached it (``celery inspect tasksignal``)."""
     node = current()
@@ -996,7 +1026,7 @@ def tasksignal(state, **kwargs) -> dict:
     return {**node.snapshot, "notices": node.notices}
 
 
-def _capacity(worker) -> int:
+def _capacity(worker: Any) -> int:
     prefetch = worker.app.conf.worker_prefetch_multiplier or 1
     return MAILBOXES_PER_SLOT * max(16, (worker.concurrency or 1) * max(prefetch, 1))
 
@@ -1010,29 +1040,29 @@ class NodeStep(bootsteps.StartStopStep):
     each of them ended.
     """
 
-    requires = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
+    requires: Any = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
 
-    def __init__(self, worker, **kwargs):
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.node = Node(worker.hostname, _capacity(worker))
-        self.tref = None
+        self.tref: Any = None
 
-    def include(self, parent) -> bool:
+    def include(self, parent: Any) -> bool:
         """Take this step's place just before the pool in the worker's start order."""
-        included = super().include(parent)
+        included: bool = super().include(parent)
         if included:
             parent.steps.remove(self)
             at = next(i for i, step in enumerate(parent.steps) if isinstance(step, Pool))
             parent.steps.insert(at, self)
         return included
 
-    def start(self, worker) -> None:
+    def start(self, worker: Any) -> None:
         """Start the node's thread and the main thread's tick."""
         guard_closed_channels()
         self.node.start(worker)
         self.tref = worker.timer.call_repeatedly(MAIN_TICK, self.node.main_tick)
 
-    def stop(self, worker) -> None:
+    def stop(self, worker: Any) -> None:
         """After the pool stopped: note the last runs' ends, then stop the node."""
         if self.tref is not None:
             self.tref.cancel()

@@ -22,6 +22,7 @@ True
 
 import hashlib
 import json
+from typing import Any
 
 from tasksignal import conf
 
@@ -49,7 +50,7 @@ def signal_channel(task_id: str) -> str:
     return _channel(task_id)
 
 
-def decode(data: str) -> dict:
+def decode(data: str) -> dict[str, Any]:
     """Parse a notification payload; raises ``ValueError`` on anything else.
 
     Payloads are built by the ``send`` statement (``sql.py``); a message longer than

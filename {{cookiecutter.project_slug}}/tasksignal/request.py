@@ -23,6 +23,7 @@ Without a node in this worker (``tasksignal.node.NodeStep`` not added) the reque
 behaves like Celery's.
 """
 
+from billiard.einfo import ExceptionInfo
 from celery.worker.request import Request
 from kombu.utils.encoding import safe_repr
 
@@ -50,7 +51,9 @@ class SignalAwareRequest(Request):
         node = nodes.current()
         return node is not None and node.hold(self)
 
-    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
         """A run that did not succeed: a stopped one is a revoke, anything else Celery's."""
         node = nodes.current()
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback

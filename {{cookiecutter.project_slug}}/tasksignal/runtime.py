@@ -29,7 +29,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -37,6 +40,14 @@ from tasksignal import board as boards
 from tasksignal.exceptions import TaskCancelled
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK, get_signal_kind
 from tasksignal.states import Outcome
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from tasksignal.base import SignalAwareTask
+
+#: What ``add_cleanup`` keeps: the callback and its arguments.
+Cleanup = tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +95,15 @@ class Run:
         self.attention_at = mailbox.attention_at if mailbox is not None else 0
         self.attention_seen = self.view[self.attention_at]
         self.interrupts_seen = mailbox.interrupts() if mailbox is not None else 0
-        self.inbox: collections.deque[dict] = collections.deque()
+        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self.seen: set[int] = set()
-        self.cancel: dict | None = None
+        self.cancel: dict[str, Any] | None = None
         self.interrupted = False
         self.finished = False
-        self.cleanups: list = []
-        self.state: dict = {}
-        self.progress: tuple | None = None  # reported, not yet written to the mailbox
+        self.cleanups: list[Cleanup] = []
+        self.state: dict[str, Any] = {}
+        # reported, not yet written to the mailbox
+        self.progress: tuple[float, float | None, str] | None = None
         self.progress_due = 0.0
 
     @property
@@ -186,7 +198,7 @@ class Runtime:
             run.progress = (current, total, message)
             return
         run.progress, run.progress_due = None, now + boards.POLL_INTERVAL
-        run.mailbox.report_progress(current, total, message)
+        _mailbox(run).report_progress(current, total, message)
 
     def take_signals(self, run: Run) -> None:
         """Move signals the node posted and the run has not seen yet into its inbox."""
@@ -201,7 +213,7 @@ class Runtime:
                 run.cancel = payload
             run.inbox.append(payload)
 
-    def handle_attention(self, task, run: Run) -> None:
+    def handle_attention(self, task: SignalAwareTask, run: Run) -> None:
         """Act on what the node posted for ``run``: raise, pause, or run custom handlers."""
         self.take_signals(run)
         while run.inbox:
@@ -212,15 +224,16 @@ class Runtime:
             if kind == PAUSE_TASK:
                 self._pause(task, run, payload)
             elif kind == RESUME_TASK:
-                run.mailbox.ack(payload["id"], Outcome.NOT_PAUSED)
+                _mailbox(run).ack(payload["id"], Outcome.NOT_PAUSED)
             else:
                 self._run_handler(task, run, payload)
         if run.cancel is not None:  # a cancel keeps raising until it is honoured
             raise TaskCancelled(run.task_id, Outcome.COOPERATIVE, run.cancel.get("message", ""))
 
-    def _pause(self, task, run: Run, payload: dict) -> None:
-        run.mailbox.report(run_state=boards.PAUSED)
-        run.mailbox.ack(payload["id"], Outcome.PAUSED)
+    def _pause(self, task: SignalAwareTask, run: Run, payload: dict[str, Any]) -> None:
+        mailbox = _mailbox(run)
+        mailbox.report(run_state=boards.PAUSED)
+        mailbox.ack(payload["id"], Outcome.PAUSED)
         try:
             while True:
                 while not run.attention:
@@ -233,20 +246,22 @@ class Runtime:
                         message = waiting.get("message", "")
                         raise TaskCancelled(run.task_id, Outcome.COOPERATIVE, message)
                     if kind == RESUME_TASK:
-                        run.mailbox.ack(waiting["id"], Outcome.RESUMED)
+                        mailbox.ack(waiting["id"], Outcome.RESUMED)
                         return
                     if kind == PAUSE_TASK:
-                        run.mailbox.ack(waiting["id"], Outcome.PAUSED)
+                        mailbox.ack(waiting["id"], Outcome.PAUSED)
                     else:
                         self._run_handler(task, run, waiting)
         finally:
-            run.mailbox.report(run_state=boards.RUNNING)
-            run.mailbox.wake_node()
+            mailbox.report(run_state=boards.RUNNING)
+            mailbox.wake_node()
 
-    def _run_handler(self, task, run: Run, payload: dict) -> None:
+    def _run_handler(self, task: SignalAwareTask, run: Run, payload: dict[str, Any]) -> None:
         from tasksignal.models import CeleryTaskSignal
 
         kind = get_signal_kind(payload["signal"])
+        if kind.handler is None:  # the built-in kinds are handled before this is called
+            raise RuntimeError(f"signal {kind.name} has no handler to run")
         row = CeleryTaskSignal(
             pk=payload["id"],
             task_id=run.task_id,
@@ -259,9 +274,9 @@ class Runtime:
             kind.handler(task, row)
         except Exception as exc:
             logger.exception("handler for signal %s of task %s failed", kind.name, run.task_id)
-            run.mailbox.ack(payload["id"], Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+            _mailbox(run).ack(payload["id"], Outcome.FAILED, f"{type(exc).__name__}: {exc}")
         else:
-            run.mailbox.ack(payload["id"], Outcome.HANDLED)
+            _mailbox(run).ack(payload["id"], Outcome.HANDLED)
 
     def note_connection(self, backend_pid: int) -> None:
         """Report the database backend a run's new connection talks to (the node cancels its
@@ -301,7 +316,14 @@ def _has_children() -> bool:
         return True
 
 
-def _raise_if_interrupted(signum, frame) -> None:
+def _mailbox(run: Run) -> boards.Mailbox:
+    """``run``'s mailbox: only runs the node posted something to, which have one, get here."""
+    if run.mailbox is None:
+        raise RuntimeError(f"run {run.task_id} has no mailbox")
+    return run.mailbox
+
+
+def _raise_if_interrupted(signum: int, frame: FrameType | None) -> None:
     """``SIGUSR2`` handler: raise into the task only if the node asked to interrupt this run."""
     run = this_thread.run
     if run is None or run.finished or run.mailbox is None:
@@ -328,10 +350,12 @@ def connect_worker_signals() -> None:
     connection_created.connect(_on_connection_created, weak=False)
 
 
-def _on_worker_process_init(**kwargs) -> None:
+def _on_worker_process_init(**kwargs: object) -> None:
     runtime.is_pool_child = True
 
 
-def _on_connection_created(sender, connection, **kwargs) -> None:
+def _on_connection_created(
+    sender: object, connection: BaseDatabaseWrapper, **kwargs: object
+) -> None:
     if this_thread.run is not None and connection.vendor == "postgresql":
         runtime.note_connection(connection.connection.info.backend_pid)

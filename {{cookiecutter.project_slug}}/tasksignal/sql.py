@@ -15,17 +15,20 @@ API's ``wait``) hears of it exactly when it commits.
 
 import functools
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
+from django.db.models import Model
 
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.states import Outcome, RunState
 
 
-def _names(model) -> dict[str, str]:
+def _names(model: type[Model]) -> dict[str, str]:
     quote = connection.ops.quote_name
     names = {"table": quote(model._meta.db_table)}
     for field in model._meta.concrete_fields:
-        names[field.name] = quote(field.column)
+        if field.column is not None:
+            names[field.name] = quote(field.column)
     return names
 
 
@@ -322,7 +325,10 @@ def user_by_token() -> str:
     from tasksignal.models import ApiToken
 
     user, token = _names(get_user_model()), _names(ApiToken)
-    user_pk = connection.ops.quote_name(get_user_model()._meta.pk.column)
+    pk = get_user_model()._meta.pk
+    if pk is None or pk.column is None:
+        raise ImproperlyConfigured("the user model has no primary key column")
+    user_pk = connection.ops.quote_name(pk.column)
     return f"""
         SELECT u.* FROM {user["table"]} u JOIN {token["table"]} t ON t.{token["user"]} = u.{user_pk}
         WHERE t.{token["key_hash"]} = %s

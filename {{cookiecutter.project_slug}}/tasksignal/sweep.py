@@ -1,10 +1,12 @@
 """Housekeeping for signals and run records: expire, settle and purge, in batches."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from celery import states
 from celery.result import AsyncResult
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from tasksignal import conf
@@ -52,7 +54,7 @@ def sweep() -> dict[str, int]:
     }
 
 
-def _delete_in_batches(queryset) -> int:
+def _delete_in_batches(queryset: QuerySet[Any]) -> int:
     deleted = 0
     while True:
         with transaction.atomic():
@@ -62,7 +64,7 @@ def _delete_in_batches(queryset) -> int:
             deleted += queryset.model.objects.filter(pk__in=batch).delete()[0]
 
 
-def _settle_stale_runs(before) -> int:
+def _settle_stale_runs(before: datetime) -> int:
     stale = TaskRun.objects.exclude(state__in=TaskRun.FINISHED_STATES).filter(updated_at__lt=before)
     settled = 0
     for run in stale[:BATCH_SIZE]:

@@ -36,9 +36,13 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Self
 
 import psutil
 from django.conf import settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -82,8 +86,8 @@ class ProjectProcess:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **(env or {}),
         }
-        self.process: subprocess.Popen | None = None
-        self._log = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     def command(self) -> list[str]:
         """The command line: ``bin/<script>`` and its arguments."""
@@ -93,10 +97,10 @@ class ProjectProcess:
         """Whether the process serves yet (asked repeatedly while it starts)."""
         raise NotImplementedError
 
-    def start(self):
+    def start(self) -> Self:
         """Start the process and wait until :meth:`ready`; return ``self``."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
+        self.process = process = subprocess.Popen(
             self.command(),
             cwd=PROJECT_DIR,
             env=self.env,
@@ -108,9 +112,9 @@ class ProjectProcess:
         )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise RuntimeError(
-                    f"{self.script} exited with {self.process.returncode}: {self.log_tail()}"
+                    f"{self.script} exited with {process.returncode}: {self.log_tail()}"
                 )
             if self.ready():
                 return self
@@ -123,7 +127,7 @@ class ProjectProcess:
     def child_pids(self) -> list[int]:
         """The processes the main process started (prefork pool, gunicorn workers)."""
         try:
-            return [child.pid for child in psutil.Process(self.process.pid).children()]
+            return [child.pid for child in psutil.Process(self._started.pid).children()]
         except psutil.NoSuchProcess:
             return []
 
@@ -145,11 +149,17 @@ class ProjectProcess:
     def kill(self) -> None:
         """SIGKILL the process and everything it started, as a crash would."""
         self._kill_group()
-        self.process.wait(10)
+        self._started.wait(10)
+
+    @property
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self.process is None:
+            raise RuntimeError(f"{self.script} was never started")
+        return self.process
 
     def _kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(self._started.pid, signal.SIGKILL)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the process's log, for failure messages."""
@@ -158,10 +168,10 @@ class ProjectProcess:
         except FileNotFoundError:
             return "(no log)"
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self if self.process is not None else self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -183,8 +193,8 @@ class WorkerProcess(ProjectProcess):
         hostname: str | None = None,
         queue: str | None = None,
         extra_args: tuple[str, ...] = (),
-        app=None,
-        **kwargs,
+        app: "Celery | None" = None,
+        **kwargs: Any,
     ) -> None:
         self.hostname = hostname or f"worker-{uuid.uuid4().hex[:8]}@%h"
         self.queue = queue or settings.CELERY_TASK_DEFAULT_QUEUE
@@ -222,7 +232,7 @@ class WebProcess(ProjectProcess):
 
     script = "web"
 
-    def __init__(self, *, port: int | None = None, **kwargs) -> None:
+    def __init__(self, *, port: int | None = None, **kwargs: Any) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"PORT": str(self.port), "GUNICORN_ACCESSLOG": "/dev/null", **kwargs.pop("env", {})}
@@ -234,7 +244,7 @@ class WebProcess(ProjectProcess):
         """``/healthz`` answers 200."""
         try:
             with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:  # noqa: S310
-                return response.status == 200
+                return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 
@@ -257,7 +267,7 @@ class ThrowawayServer:
         self.port = free_port()
         self.folder = Path(folder)
 
-    def start(self):
+    def start(self) -> Self:
         """Start the server and wait until it answers; return ``self``."""
         raise NotImplementedError
 
@@ -277,10 +287,10 @@ class ThrowawayServer:
             self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.remove()
 
 
@@ -292,9 +302,9 @@ class RedisServer(ThrowawayServer):
         super().__init__(Path(folder) / "redis")
         self.persistent = persistent
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self):
+    def start(self) -> Self:
         """Start ``redis-server`` and wait until it answers PING."""
         import redis
 
@@ -358,7 +368,7 @@ class PostgresServer(ThrowawayServer):
             [*prefix, *command], check=True, capture_output=True, text=True, cwd=self.folder
         )
 
-    def start(self):
+    def start(self) -> Self:
         """``initdb`` (the first time) and ``pg_ctl start``; wait until it accepts sessions."""
         if not self._initialised:
             if os.geteuid() == 0:
@@ -417,7 +427,9 @@ def running_pid(task_id: str) -> int | None:
             continue
         try:
             index = board.find(task_id)
-            run = None if index is None else board.read_run(index, task_id)
+            if index is None:
+                continue
+            run = board.read_run(index, task_id)
             if run is not None and board.runs(index, task_id, run.pid):
                 return run.pid
         finally:

@@ -31,9 +31,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 from django.db import connections
+from django.http import HttpRequest
 
 from tasksignal import notify
 
@@ -53,7 +55,7 @@ class ClientGone(Exception):
     """The client of a waiting request closed its connection: stop waiting for it."""
 
 
-def client_gone(request) -> Callable[[], bool]:
+def client_gone(request: HttpRequest) -> Callable[[], bool]:
     """A test of whether ``request``'s client hung up, for :meth:`Waiter.wait`.
 
     Under gunicorn the request knows its socket (``gunicorn.socket``): readable with nothing
@@ -79,19 +81,19 @@ class Waiter:
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         self._event = threading.Event()
-        self._notices: list[dict] = []
+        self._notices: list[dict[str, Any]] = []
 
-    def notify(self, notice: dict) -> None:
+    def notify(self, notice: dict[str, Any]) -> None:
         """Hand the waiter a notice about its task (``{}``: look for yourself)."""
         self._notices.append(notice)
         self._event.set()
 
     def wait(
         self,
-        matches: Callable[[dict], object],
+        matches: Callable[[dict[str, Any]], object],
         deadline: float,
         client_gone: Callable[[], bool] = lambda: False,
-    ) -> dict | None:
+    ) -> dict[str, Any] | None:
         """The first notice for which ``matches(notice)`` is true, or ``None`` once the
         monotonic clock passes ``deadline``, the hub asks waiters to look for themselves,
         or ``client_gone()`` (looked at every :data:`CLIENT_CHECK` seconds) says nobody

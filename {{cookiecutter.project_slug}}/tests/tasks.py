@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -56,8 +57,8 @@ def log_revoked(request=None, terminated=None, **kwargs) -> None:
         _append(path, f"{request.id} {os.getpid()} terminated={terminated}")
 
 
-signal_aware = {"base": SignalAwareTask, "bind": True}
-rungs = {"cancel_grace": CANCEL_GRACE, "kill_after": KILL_AFTER}
+signal_aware: dict[str, Any] = {"base": SignalAwareTask, "bind": True}
+rungs: dict[str, Any] = {"cancel_grace": CANCEL_GRACE, "kill_after": KILL_AFTER}
 
 
 @shared_task(**signal_aware)

@@ -7,12 +7,20 @@ one exists (the variables already set win). ``.env.example`` documents every var
 from pathlib import Path
 
 import environ
+{%- if cookiecutter.use_sentry == "y" %}
+
+from config import sentry
+{%- endif %}
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 PROJECT_SLUG = "{{ cookiecutter.project_slug }}"
 
 env = environ.Env()
 env.read_env(BASE_DIR / ".env")
+{%- if cookiecutter.use_sentry == "y" %}
+# Errors of the web and the worker go to Sentry when SENTRY_DSN is set (config/sentry.py).
+sentry.init(env.ENVIRON)
+{%- endif %}
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])

@@ -1,7 +1,9 @@
 """``manage.py create_api_token <username> [--name NAME]``: make a JSON API bearer token."""
 
+from typing import Any
+
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tasksignal.auth import create_token
 
@@ -14,12 +16,12 @@ class Command(BaseCommand):
         "permissions, and print it. It is shown only this once: only its hash is stored."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         """``username`` and ``--name``."""
         parser.add_argument("username", help="The user the token acts as.")
         parser.add_argument("--name", default="", help="What the token is for (max 100 chars).")
 
-    def handle(self, *args, username: str, name: str, **options):
+    def handle(self, *args: str, username: str, name: str, **options: Any) -> None:
         """Create the token and print its secret on stdout, alone on its line."""
         user_model = get_user_model()
         try:

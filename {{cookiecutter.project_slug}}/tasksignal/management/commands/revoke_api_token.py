@@ -1,6 +1,8 @@
 """``manage.py revoke_api_token --name NAME`` (or ``--prefix tsk_abc…``): delete API tokens."""
 
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tasksignal.models import ApiToken
 
@@ -11,13 +13,13 @@ class Command(BaseCommand):
 
     help = "Delete (revoke) the JSON API tokens with the given name, or whose secret starts so."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         """``--name`` or ``--prefix``."""
         which = parser.add_mutually_exclusive_group(required=True)
         which.add_argument("--name", help="Delete the tokens made with this --name.")
         which.add_argument("--prefix", help="Delete the token whose secret starts so (12 chars).")
 
-    def handle(self, *args, name: str | None, prefix: str | None, **options):
+    def handle(self, *args: str, name: str | None, prefix: str | None, **options: Any) -> None:
         """Delete them and say how many."""
         tokens = (
             ApiToken.objects.filter(name=name) if name else ApiToken.objects.filter(prefix=prefix)

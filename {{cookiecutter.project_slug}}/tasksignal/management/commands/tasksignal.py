@@ -1,6 +1,8 @@
 """``manage.py tasksignal``: list runs and signals, send cancel/pause/resume, sweep."""
 
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tasksignal.models import CeleryTaskSignal, TaskRun
 from tasksignal.states import Source
@@ -16,7 +18,7 @@ VERBS = {
 class Command(BaseCommand):
     help = "List task runs and pending signals, or cancel, pause or resume running tasks."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
         listing = sub.add_parser("list", help="Show unfinished runs and pending signals.")
         listing.add_argument("--all", action="store_true", help="Include finished runs.")
@@ -31,7 +33,7 @@ class Command(BaseCommand):
             )
         sub.add_parser("sweep", help="Expire, settle and purge old signals and runs now.")
 
-    def handle(self, *args, action, **options):
+    def handle(self, *args: str, action: str, **options: Any) -> None:
         if action == "list":
             self._list(options["all"])
         elif action == "sweep":
