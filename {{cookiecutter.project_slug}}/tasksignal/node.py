@@ -974,7 +974,7 @@ def records_parameters(
     return parameters
 
 
-def _ended(request, reserved) -> bool:
+def _ended(request: Request, reserved: set[Request]) -> bool:
     """Whether Celery is done with ``request``: it left the reserved set, and not because a
     broker reconnection emptied that set of the requests that had not started (those are
     neither started nor acknowledged, and will run or come back)."""
