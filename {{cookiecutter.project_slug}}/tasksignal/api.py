@@ -844,10 +844,15 @@ def get_only(view: View) -> View:
 
 
 def json_405(view: View) -> View:
-    """Wrap a ninja view so that a method it does not answer gets a JSON 405 with ``Allow``."""
+    """Wrap a ninja view so that a method it does not answer gets a JSON 405 with ``Allow``
+    (and a query parameter without a name a 400, as any undocumented one)."""
 
     @functools.wraps(view)
     def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if "" in request.GET:
+            # ninja drops a parameter with no name before validation, so extra="forbid"
+            # never sees it (``?=false``): unknown parameters are a 400, this one too.
+            return error_response(400, "a query parameter has no name")
         response = view(request, *args, **kwargs)
         if response.status_code == 405 and "Allow" in response:
             allowed = ", ".join(sorted(method.strip() for method in response["Allow"].split(",")))

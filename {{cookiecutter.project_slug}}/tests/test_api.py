@@ -612,3 +612,8 @@ def test_runs_are_listed_by_state_task_and_worker(api):
     for query, expected in (("state=running", ["a"]), ("task=t2", ["b"]), ("worker=w2", ["b"])):
         body = expect(api.get(f"/api/tasks/?{query}"), 200)
         assert [r["id"] for r in body["results"]] == expected, (query, body)
+
+
+def test_a_query_parameter_without_a_name_is_a_400(api):
+    body = expect(api.get("/api/tasks/?=false"), 400)
+    assert body["error"] == "a query parameter has no name", body
