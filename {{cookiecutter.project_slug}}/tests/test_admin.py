@@ -59,6 +59,14 @@ def runs():
     return [make_run(f"run-{n}") for n in range(3)]
 
 
+def stop_and_wait_for_the_record(task_id: str) -> None:
+    """Cancel ``task_id`` and wait until the worker has recorded its end: a record written
+    after this test's database flush would be a stray row in the next tests."""
+    CeleryTaskSignal.objects.cancel(task_id)
+    finished = TaskRun.objects.filter(task_id=task_id, state__in=RunState.FINISHED)
+    wait_for(finished.exists, 15, f"the worker to record the end of {task_id}")
+
+
 def staff_user(*permissions: str, username: str = "staff") -> User:
     user = User.objects.create_user(username, password="pw", is_staff=True)
     for codename in ("view_taskrun", "view_celerytasksignal", *permissions):
@@ -637,7 +645,7 @@ def test_a_failed_handler_keeps_its_error_on_the_signal_row(worker, admin_client
     assert signal.error == "ValueError: refused 'batch 7'", f"error kept: {signal.error!r}"
     html = admin_client.get(reverse("admin:tasksignal_celerytasksignal_changelist")).content
     assert b"ValueError: refused" in html, "the signal list does not show the error"
-    CeleryTaskSignal.objects.cancel(result.id)
+    stop_and_wait_for_the_record(result.id)
 
 
 @pytest.mark.worker
@@ -655,3 +663,4 @@ def test_a_row_cancel_stops_a_real_run_and_the_list_shows_how(worker, admin_clie
     assert "Cancelled" in body["cells"]["state_display"], body["cells"]["state_display"]
     assert "cooperative" in body["cells"]["state_display"]
     assert body["cells"]["latency"].endswith("ms"), body["cells"]["latency"]
+    stop_and_wait_for_the_record(result.id)

@@ -100,10 +100,14 @@ def page(web, worker, browser, artifacts):
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url(re.compile(r"/admin/tasksignal/taskrun/$"))
     yield page
-    # Whatever the test left running is cancelled, so the shared worker is free again.
-    running = TaskRun.objects.unfinished().values_list("task_id", flat=True)
-    CeleryTaskSignal.objects.send_many(list(running), CeleryTaskSignal.CANCEL_TASK)
     context.close()
+    # Whatever the test left running is cancelled, and its end recorded before the test's
+    # database is flushed: the shared worker is free again and writes no stray row later.
+    unfinished = TaskRun.objects.unfinished()
+    CeleryTaskSignal.objects.send_many(
+        list(unfinished.values_list("task_id", flat=True)), CeleryTaskSignal.CANCEL_TASK
+    )
+    wait_for(lambda: not unfinished.exists(), 15, "the worker to record every run's end")
 
 
 def shoot(page, artifacts: Path, name: str) -> None:
