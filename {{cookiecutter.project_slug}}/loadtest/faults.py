@@ -198,7 +198,7 @@ def inject(stack: Stack, kind: str, settings: ChaosSettings) -> Fault:
     return fault
 
 
-def audit(settle: float) -> dict[str, int]:
+def audit(settle: float) -> dict[str, Any]:
     """What the database holds once the stack settled: nothing pending, nothing left live.
 
     Waits up to ``settle`` seconds for pending signals and live runs to drain.
@@ -228,8 +228,31 @@ def audit(settle: float) -> dict[str, int]:
             found = {"error": str(error)[:200]}
         settled = found.get("signals_pending") == 0 and found.get("runs_left_live") == 0
         if settled or time.monotonic() >= deadline:
+            if not settled and "error" not in found:
+                found["left_behind"] = left_behind()
             return found
         time.sleep(2)
+
+
+def left_behind(limit: int = 10) -> list[dict[str, Any]]:
+    """The first runs and signals the audit found unfinished, with what the database knows of
+    each: enough to tell a lost record from a task that never ran."""
+    from tasksignal.models import CeleryTaskSignal, TaskRun
+    from tasksignal.states import RunState
+
+    runs = TaskRun.objects.filter(state__in=[*RunState.LIVE, RunState.QUEUED]).order_by("id")
+    pending = CeleryTaskSignal.objects.filter(completed=False).values_list("task_id", flat=True)
+    task_ids = [*runs.values_list("task_id", flat=True)[:limit], *pending[:limit]]
+    found = []
+    for task_id in dict.fromkeys(task_ids):
+        run_row = TaskRun.objects.filter(task_id=task_id).values(
+            "task_name", "state", "worker", "pid", "started_at", "finished_at", "updated_at"
+        )
+        signals = CeleryTaskSignal.objects.filter(task_id=task_id).values(
+            "signal", "completed", "outcome", "created", "acknowledged_at", "completed_at"
+        )
+        found.append({"task_id": task_id, "run": run_row.first(), "signals": list(signals)})
+    return json.loads(json.dumps(found, default=str))
 
 
 def per_fault(faults: list[Fault], flows: list[dict]) -> dict[str, dict]:
@@ -426,11 +449,12 @@ def format_report(summary: dict) -> str:
         )
     storm = summary["storm"] or {"counts": {}}
     counts = storm["counts"]
+    audited = {key: value for key, value in summary["audit"].items() if key != "left_behind"}
     lines.append(
         f"storm: {counts.get('honoured')} of {counts.get('cancelled')} cancels honoured, "
         f"{counts.get('siblings_ok')} siblings ok, {counts.get('siblings_failed')} harmed; "
         f"{counts.get('outage_answers')} answers 503 or none during outages, "
-        f"{counts.get('http_failures')} other failures; audit {summary['audit']}"
+        f"{counts.get('http_failures')} other failures; audit {audited}"
     )
     lines += [f"FAIL: {reason}" for reason in summary["failures"]] or ["PASS"]
     return "\n".join(lines)

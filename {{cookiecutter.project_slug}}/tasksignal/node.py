@@ -70,7 +70,7 @@ from django.db import connections
 from psycopg import sql as psql
 
 from tasksignal import board as boards
-from tasksignal import broker, conf, notify, sql
+from tasksignal import broker, conf, notify, results, sql
 from tasksignal.broker import guard_closed_channels
 from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
@@ -112,12 +112,8 @@ ANSWER_TIMEOUT = 2.0
 WAKE_FOR_EVENTS = struct.pack("<i", -1)
 #: The node's database errors: the server gone, a broken connection.
 DATABASE_ERRORS = (psycopg.Error, OSError)
-#: A plain Celery task's end state, as its run record names it.
-CELERY_TO_RUN_STATE = {
-    "SUCCESS": RunState.SUCCEEDED,
-    "FAILURE": RunState.FAILED,
-    "REVOKED": RunState.CANCELLED,
-}
+#: Unfinished run records a starting node checks against the result backend (newest first).
+RECOVERY_LIMIT = 10_000
 
 _current: Node | None = None
 
@@ -202,7 +198,9 @@ class Node:
         # Main thread.
         self._admitted: dict[str, Admission] = {}
         self._observed: dict[str, Observed] = {}
-        self._recovered = False
+        self._orphans_settled = False
+        self._requeued: set[str] = set()
+        self._records_checked = False
         self._application = f"tasksignal node {hostname}"[:63]
         self._questions: dict[tuple[str, str], Question] = {}
         # Main thread -> node thread; the thread is woken only while it sleeps.
@@ -231,7 +229,9 @@ class Node:
         self._completions: dict[tuple[str, str, str], list[Any]] = {}
         self._ended: list[str] = []
         self._records: dict[str, dict[str, Any]] = {}
-        self._next = dict.fromkeys(("poll", "reconcile", "flush", "snapshot", "unlisten"), 0.0)
+        self._next = dict.fromkeys(
+            ("poll", "reconcile", "flush", "snapshot", "unlisten", "recover"), 0.0
+        )
         self._reconnect_at = 0.0
         self._outage = False
         self._stopping = threading.Event()
@@ -518,9 +518,9 @@ class Node:
             self._connect()
         # Before anything that may fail: the main thread may be waiting for an answer.
         self._take_events()
-        if self._db is None:
-            return
-        if self._maybe_notified:
+        if self._db is not None and not self._records_checked and now >= self._next["recover"]:
+            self._recover_orphans(now)
+        if self._db is not None and self._maybe_notified:
             self._take_notifications()
         # Periodic work due soon is done now, while the thread is awake anyway.
         soon = now + EARLY
@@ -530,7 +530,12 @@ class Node:
         elif self._woken:
             woken, self._woken = self._woken, set()
             self._poll_mailboxes([t for t in self._tracked.values() if t.index in woken])
+        # Stopping a run needs no database: through an outage its cancel still escalates on
+        # time (a task that ended meanwhile would have made the cancel too_late); what the
+        # runs report is written once the node is back.
         self._escalate(now)
+        if self._db is None:
+            return
         if (self._to_unlisten or self._unlisten_later) and now >= self._next["unlisten"]:
             self._next["unlisten"] = now + UNLISTEN_INTERVAL
             if self._to_unlisten:
@@ -554,6 +559,8 @@ class Node:
         deadlines = [now + 3600.0]
         if self._db is None:
             deadlines.append(self._reconnect_at)
+        elif not self._records_checked:
+            deadlines.append(self._next["recover"])
         if self._tracked:
             deadlines += [self._next["reconcile"], self._next["poll"]]
         if self._records or self._ended:
@@ -608,8 +615,6 @@ class Node:
             logger.warning("tasksignal node reconnected to PostgreSQL")
         self._outage = False
         self._db_fd = self._db.fileno()
-        if not self._recovered:
-            self._recover_orphans()
         # A new session listens to nothing and may have missed notifications.
         self._to_unlisten.clear()
         self._unlisten_later.clear()
@@ -618,27 +623,66 @@ class Node:
             self._execute("; ".join(f"LISTEN {self._channel(t)}" for t in self._tracked))
         self._next["reconcile"] = 0.0
 
-    def _recover_orphans(self) -> None:
-        """Once per node, first thing: settle the runs an earlier life of this node left
-        ``running`` (it was killed; see :func:`sql.recover_orphans`), and give their
-        messages back to the queue at once rather than after the visibility timeout."""
-        ((requeued, killed, _, _),) = self._execute(
-            sql.recover_orphans(),
-            {
-                "worker": self.hostname,
-                "application": self._application,
-                "done_channel": self.done_channel,
-            },
-        )
-        self._recovered = True
-        requeued = requeued or []
-        if requeued or killed:
-            restored = broker.restore_unacknowledged(self.worker.app, set(requeued))
+    def _recover_orphans(self, now: float) -> None:
+        """Once per node, first thing: settle what an earlier life of this node (or any
+        node that died) left behind, and give the messages of runs that must run again
+        back to the queue at once rather than after the visibility timeout.
+
+        1. Runs this node's name left ``running``: :func:`sql.recover_orphans` (once:
+           later, this node's own runs are recorded under the same name).
+        2. Unfinished run records whose task the result backend knows is over (the node
+           died before it wrote their end): ended with Celery's state (the backend may be
+           down too: then again after ``RECONNECT_DELAY``).
+        3. The messages of the orphans requeued in 1, and of queued runs with a pending
+           cancel (a dead node held them unstarted; restoring one a live worker holds is
+           harmless: whichever copy comes first is skipped, and the other then too).
+        """
+        if not self._orphans_settled:
+            ((requeued, killed, _, _),) = self._execute(
+                sql.recover_orphans(),
+                {
+                    "worker": self.hostname,
+                    "application": self._application,
+                    "done_channel": self.done_channel,
+                },
+            )
+            self._orphans_settled = True
+            self._requeued = set(requeued or [])
+            if self._requeued or killed:
+                logger.warning(
+                    "tasksignal node %s found %d runs of its earlier life: %d cancels "
+                    "completed killed, %d back to queued",
+                    self.hostname, len(self._requeued) + killed, killed, len(self._requeued),
+                )  # fmt: skip
+        unfinished = self._execute(sql.unfinished_runs(), {"limit": RECOVERY_LIMIT})
+        app = self.worker.app
+        try:
+            ended = results.ended_states(app.backend, [task_id for task_id, *_ in unfinished])
+        except Exception as exc:  # the result backend is away: all of step 2 and 3 again
+            self._recover_later(now, exc)
+            return
+        if ended:
+            parameters = {"task_ids": list(ended), "states": list(ended.values())}
+            self._execute(
+                sql.settle_ended_runs(), {**parameters, "done_channel": self.done_channel}
+            )
+        waiting = {task_id for task_id, _state, cancel in unfinished if cancel}
+        try:
+            restored = broker.restore_unacknowledged(app, (self._requeued | waiting) - set(ended))
+        except Exception as exc:  # the broker is away
+            self._recover_later(now, exc)
+            return
+        self._records_checked = True
+        if ended or restored:
             logger.warning(
-                "tasksignal node %s found %d runs of its earlier life: %d cancels completed "
-                "killed, %d back to queued (%d of their messages given back to the queue)",
-                self.hostname, len(requeued) + killed, killed, len(requeued), restored,
+                "tasksignal node %s: %d run records ended from their results, %d messages "
+                "given back to the queue",
+                self.hostname, len(ended), restored,
             )  # fmt: skip
+
+    def _recover_later(self, now: float, error: Exception) -> None:
+        self._next["recover"] = now + RECONNECT_DELAY
+        logger.warning("tasksignal node cannot check its runs' results yet (%s)", error)
 
     def _disconnect(self) -> None:
         db, self._db = self._db, None
@@ -761,7 +805,7 @@ class Node:
             self._record(tracked, state=RunState.RUNNING, started_at=started_at, pid=pid)
             return
         # Celery alone knows how a plain task ended; its result backend tells.
-        state = CELERY_TO_RUN_STATE.get(backend.get_state(task_id), RunState.FAILED)
+        state = RunState.OF_CELERY_STATE.get(backend.get_state(task_id), RunState.FAILED)
         now = datetime.datetime.now(datetime.UTC)
         self._record(tracked, state=state, finished_at=now)
         self._ended.append(task_id)

@@ -151,8 +151,10 @@ def recover_orphans() -> str:
     name, though no process runs them any more. Each one with a pending cancel was stopped
     by the crash: the run ends ``cancelled`` and the cancel is completed ``killed`` (and
     announced), so its sender learns at once, and the broker's redelivery of the message
-    is skipped at admission (a completed cancel counts). Every other one goes back to
-    ``queued``: its message comes back when the broker's visibility timeout expires.
+    is skipped at admission (a completed cancel counts). One whose cancel was completed
+    before the crash (the run's own record of its stop was not written yet) ends
+    ``cancelled`` too. Every other one goes back to ``queued``: its message comes back when
+    the broker's visibility timeout expires (or at once: ``broker.restore_unacknowledged``).
 
     Nothing is touched while another session with the node's ``application`` name is
     connected: a second worker started under the same node name (Celery warns of it), or
@@ -164,12 +166,17 @@ def recover_orphans() -> str:
     """
     n, s = _run_names(), _signal_names()
     cancelled, queued = RunState.CANCELLED, RunState.QUEUED
+    stopped = ", ".join(f"'{outcome}'" for outcome in Outcome.STOPPED)
     return f"""
         WITH orphans AS (
             SELECT t.{n["task_id"]} AS task_id, EXISTS (
                 SELECT 1 FROM {s["table"]} c WHERE c.{s["task_id"]} = t.{n["task_id"]}
                     AND c.{s["signal"]} = '{CANCEL_TASK}' AND NOT c.{s["completed"]}
-            ) AS cancelled
+            ) AS cancelled, EXISTS (
+                SELECT 1 FROM {s["table"]} c WHERE c.{s["task_id"]} = t.{n["task_id"]}
+                    AND c.{s["signal"]} = '{CANCEL_TASK}' AND c.{s["completed"]}
+                    AND c.{s["outcome"]} IN ({stopped})
+            ) AS stopped
             FROM {n["table"]} t
             WHERE t.{n["worker"]} = %(worker)s
                 AND t.{n["state"]} IN ('{RunState.RUNNING}', '{RunState.PAUSED}')
@@ -180,14 +187,16 @@ def recover_orphans() -> str:
             FOR UPDATE OF t
         ), settled AS (
             UPDATE {n["table"]} AS t SET
-                {n["state"]} = CASE WHEN o.cancelled THEN '{cancelled}' ELSE '{queued}' END,
-                {n["finished_at"]} = CASE WHEN o.cancelled THEN statement_timestamp() END,
+                {n["state"]} = CASE WHEN o.cancelled OR o.stopped THEN '{cancelled}'
+                    ELSE '{queued}' END,
+                {n["finished_at"]} = CASE WHEN o.cancelled OR o.stopped
+                    THEN statement_timestamp() END,
                 {n["pid"]} = NULL,
-                {n["error"]} = CASE WHEN o.cancelled THEN '' ELSE 'its worker node stopped while '
-                    || 'it ran; the broker delivers it again' END,
+                {n["error"]} = CASE WHEN o.cancelled OR o.stopped THEN ''
+                    ELSE 'its worker node stopped while it ran; the broker delivers it again' END,
                 {n["updated_at"]} = statement_timestamp()
             FROM orphans o WHERE t.{n["task_id"]} = o.task_id
-            RETURNING t.{n["task_id"]} AS task_id, o.cancelled
+            RETURNING t.{n["task_id"]} AS task_id, o.cancelled OR o.stopped AS cancelled
         ), killed AS (
             UPDATE {s["table"]} SET {_completion(s, f"'{Outcome.KILLED}'", "'its node died'")}
             WHERE {s["task_id"]} IN (SELECT task_id FROM settled WHERE cancelled)
@@ -200,6 +209,53 @@ def recover_orphans() -> str:
             (SELECT count(pg_notify(%(done_channel)s,
                 json_build_object('task_id', task_id, 'ended', true)::text))
              FROM settled WHERE cancelled)
+    """  # noqa: S608
+
+
+@functools.cache
+def unfinished_runs() -> str:
+    """The runs recorded ``queued``, ``running`` or ``paused``, newest first, each with its
+    state and whether it has a pending cancel: what a node checks as it starts (the result
+    backend may know that some are over). Parameter by name: ``limit``."""
+    n, s = _run_names(), _signal_names()
+    states = ", ".join(f"'{state}'" for state in (RunState.QUEUED, *RunState.LIVE))
+    return f"""
+        SELECT t.{n["task_id"]}, t.{n["state"]}, EXISTS (
+            SELECT 1 FROM {s["table"]} c WHERE c.{s["task_id"]} = t.{n["task_id"]}
+                AND c.{s["signal"]} = '{CANCEL_TASK}' AND NOT c.{s["completed"]}
+        )
+        FROM {n["table"]} t WHERE t.{n["state"]} IN ({states})
+        ORDER BY t.{n["updated_at"]} DESC LIMIT %(limit)s
+    """  # noqa: S608
+
+
+@functools.cache
+def settle_ended_runs() -> str:
+    """End the runs the result backend says are over though their records say otherwise (a
+    node died before it wrote them), and settle their pending signals ``too_late``; announce
+    both on the done channel.
+
+    Parameters by name: ``task_ids``, ``states`` (the run state of each, from Celery's),
+    ``done_channel``. One row: how many runs were ended.
+    """
+    n, s = _run_names(), _signal_names()
+    states = ", ".join(f"'{state}'" for state in (RunState.QUEUED, *RunState.LIVE))
+    return f"""
+        WITH ended AS (
+            UPDATE {n["table"]} AS t SET {n["state"]} = r.state, {n["pid"]} = NULL,
+                {n["finished_at"]} = COALESCE(t.{n["finished_at"]}, statement_timestamp()),
+                {n["updated_at"]} = statement_timestamp()
+            FROM unnest(%(task_ids)s::text[], %(states)s::text[]) AS r(task_id, state)
+            WHERE t.{n["task_id"]} = r.task_id AND t.{n["state"]} IN ({states})
+            RETURNING t.{n["task_id"]} AS task_id
+        ), settled AS (
+            UPDATE {s["table"]} SET {_completion(s, f"'{Outcome.TOO_LATE}'", "''")}
+            WHERE {s["task_id"]} IN (SELECT task_id FROM ended) AND NOT {s["completed"]}
+            RETURNING {_completed_columns(s)}
+        )
+        SELECT (SELECT count(*) FROM ended), ({_done_notice("settled", "%(done_channel)s")}),
+            (SELECT count(pg_notify(%(done_channel)s,
+                json_build_object('task_id', task_id, 'ended', true)::text)) FROM ended)
     """  # noqa: S608
 
 

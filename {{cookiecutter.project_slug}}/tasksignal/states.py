@@ -9,6 +9,8 @@ their choices (value and human label) from here.
 True
 >>> RunState.SUCCEEDED in RunState.FINISHED
 True
+>>> RunState.OF_CELERY_STATE["REVOKED"]
+'cancelled'
 >>> dict(Outcome.CHOICES)[Outcome.SKIPPED]
 'Cancelled before it started'
 >>> Source.API in dict(Source.CHOICES)
@@ -83,6 +85,9 @@ class RunState:
     FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
     #: States of a run a worker process is executing.
     LIVE = frozenset({RUNNING, PAUSED})
+    #: The run state of each of Celery's ready states (``celery.states``; a task that is
+    #: not signal-aware, or whose node died, is known to have ended only by its result).
+    OF_CELERY_STATE = {"SUCCESS": SUCCEEDED, "FAILURE": FAILED, "REVOKED": CANCELLED}
 
 
 class Source:

@@ -3,23 +3,17 @@
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import states
-from celery.result import AsyncResult
-from django.db import transaction
+from celery import current_app
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from tasksignal import conf
+from tasksignal import conf, notify, results, sql
 from tasksignal.models import CeleryTaskSignal, TaskRun
 
 BATCH_SIZE = 1000
 #: An open run record not updated for this long is checked against Celery's result.
 STALE_AFTER = timedelta(minutes=5)
-CELERY_TO_RUN_STATE = {
-    states.SUCCESS: TaskRun.State.SUCCEEDED,
-    states.FAILURE: TaskRun.State.FAILED,
-    states.REVOKED: TaskRun.State.CANCELLED,
-}
 
 
 def sweep() -> dict[str, int]:
@@ -66,11 +60,13 @@ def _delete_in_batches(queryset: QuerySet[Any]) -> int:
 
 def _settle_stale_runs(before: datetime) -> int:
     stale = TaskRun.objects.exclude(state__in=TaskRun.FINISHED_STATES).filter(updated_at__lt=before)
-    settled = 0
-    for run in stale[:BATCH_SIZE]:
-        state = CELERY_TO_RUN_STATE.get(AsyncResult(run.task_id).state)
-        if state is not None:
-            settled += TaskRun.objects.filter(pk=run.pk, updated_at=run.updated_at).update(
-                state=state, finished_at=timezone.now()
-            )
-    return settled
+    task_ids = list(stale.values_list("task_id", flat=True)[:BATCH_SIZE])
+    ended = results.ended_states(current_app.backend, task_ids)
+    if not ended:
+        return 0
+    parameters = {"task_ids": list(ended), "states": list(ended.values())}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql.settle_ended_runs(), {**parameters, "done_channel": notify.done_channel()}
+        )
+        return int(cursor.fetchone()[0])

@@ -2,6 +2,7 @@
 and despite missed notifications."""
 
 import shutil
+import uuid
 
 import psycopg
 import pytest
@@ -166,6 +167,30 @@ def test_a_node_restarted_after_a_crash_settles_the_runs_it_left_running(make_wo
     bodies = marker.read_text().splitlines()
     assert bodies.count(cancelled.id) == 1, "the cancelled task's body ran again after the crash"
     assert bodies.count(requeued.id) == 2, "the uncancelled task did not run again"
+
+
+def test_a_starting_node_ends_the_records_a_dead_node_left_of_runs_celery_saw_finish(
+    make_worker,
+):
+    # What a node killed between a task's end and its next batch of records leaves: the
+    # result is stored, the run record still says queued (or running), a cancel pending.
+    succeeded, failed = f"ended-{uuid.uuid4()}", f"ended-{uuid.uuid4()}"
+    TaskRun.objects.create(task_id=succeeded, task_name="tests.tasks.echo", state=RunState.QUEUED)
+    TaskRun.objects.create(
+        task_id=failed, task_name="tests.tasks.echo", state=RunState.RUNNING, worker="gone@host"
+    )
+    current_app.backend.store_result(succeeded, "done", "SUCCESS")
+    current_app.backend.store_result(failed, ValueError("boom"), "FAILURE")
+    signal = CeleryTaskSignal.objects.cancel(succeeded)
+    with make_worker(concurrency=1):
+        signal = wait_until_completed(signal, timeout=15)
+    states = dict(
+        TaskRun.objects.filter(task_id__in=[succeeded, failed]).values_list("task_id", "state")
+    )
+    assert states == {succeeded: RunState.SUCCEEDED, failed: RunState.FAILED}, (
+        f"the new node did not end the records from Celery's results: {states}"
+    )
+    assert signal.outcome == Outcome.TOO_LATE, f"the finished run's cancel says {signal.outcome}"
 
 
 def test_two_workers_with_different_hostnames_each_honour_cancels(make_worker):
