@@ -13,6 +13,10 @@ Figures that depend on the machine (cancels per second, latency percentiles) are
 recorded as properties, not asserted: the storm's own gate on the cooperative p99 is relaxed
 here (``LOADTEST_MAX_P99_MS``) because the template's tests share two CPUs with everything else.
 The revoke baseline is left to ``make loadtest`` itself.
+
+The same project then runs ``make chaos`` for 60 s: the storm while its worker node is killed
+and frozen and its own Redis and PostgreSQL restart; it fails on any cancel never honoured,
+any sibling lost or wrong, any 5xx but 503, anything left pending, or a stack that needed help.
 """
 
 from __future__ import annotations
@@ -180,3 +184,57 @@ def test_cancel_storm_honours_every_cancel_without_collateral(
         f"make loadtest exited {result.returncode} although every cancel was honoured "
         f"(failed requests?):\n{_failures(storm, '')}\n{output}"
     )
+
+
+#: The fault run: at least 60 s of storm, every fault (node killed, node frozen, Redis and
+#: PostgreSQL restarted) once, on servers of the run's own (loadtest/faults.py).
+FAULT_SETTINGS = {"CHAOS_DURATION": "60s", "CHAOS_SETTLE": "90"}
+FAULT_KINDS = {"node-kill", "node-freeze", "redis-restart", "postgres-restart"}
+
+
+def _run_fault_storm(project: Path, bin_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", "-f", "loadtest/loadtest.mk", "chaos"],
+        cwd=project,
+        env=project_env(bin_dir, **FAULT_SETTINGS),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(900)
+def test_fault_storm_loses_nothing_while_the_node_redis_and_postgresql_fail(
+    storm_project: tuple[Path, Path], record_property: Callable[[str, object], None]
+) -> None:
+    project, bin_dir = storm_project
+    result = _run_fault_storm(project, bin_dir)
+    output = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
+    summary_path = project / "loadtest" / "reports" / "faults-summary.json"
+    assert summary_path.exists(), (
+        f"make chaos wrote no summary (exit {result.returncode}):\n{output}"
+    )
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    record_property(
+        "fault_storm", json.dumps({"faults": summary["faults"], "audit": summary["audit"]})
+    )
+    print(f"\nfault storm:\n{output}")
+    assert set(summary["faults"]) == FAULT_KINDS, f"faults injected: {sorted(summary['faults'])}"
+    counts = summary["storm"]["counts"]
+    assert counts["unhonoured"] == 0, f"{counts['unhonoured']} cancels never honoured:\n{output}"
+    assert counts["siblings_failed"] == 0, (
+        f"{counts['siblings_failed']} siblings lost or wrong:\n{output}"
+    )
+    assert counts["http_failures"] == 0, (
+        f"{counts['http_failures']} answers 5xx other than 503:\n{output}"
+    )
+    lost = {kind: row["lost"] for kind, row in summary["faults"].items() if row["lost"]}
+    assert not lost, f"flows lost per fault: {lost}\n{output}"
+    audit = {key: value for key, value in summary["audit"].items() if key != "left_behind"}
+    left_behind = summary["audit"].get("left_behind")
+    assert audit.get("signals_pending") == 0, f"signals never completed: {audit}\n{left_behind}"
+    assert audit.get("runs_left_live") == 0, f"runs left unfinished: {audit}\n{left_behind}"
+    assert not summary["restarts"], f"the stack did not recover by itself: {summary['restarts']}"
+    assert result.returncode == 0, f"make chaos failed: {summary['failures']}\n{output}"

@@ -229,6 +229,10 @@ class SignalOut(Schema):
     already_pending: bool = Field(
         description="True when a signal of this kind was pending already: this is that one"
     )
+    already_stopped: bool = Field(
+        description="True when a cancel had stopped the task already: this is that cancel "
+        "(so a cancel is safe to send again, after a 503 or a lost answer)",
+    )
 
 
 class SignalRecord(Schema):
@@ -681,9 +685,14 @@ def send(
     the signal is completed or ``wait`` seconds have passed."""
     _check_task_id(task_id)
     get_signal_kind(kind)
-    ((run_state, signalled),) = _query(sql.task_facts(), {"task_id": task_id})
+    ((run_state, signalled, stopped_by),) = _query(sql.task_facts(), {"task_id": task_id})
     if run_state is None and not signalled:
         raise _unknown_task(task_id)
+    if kind == CANCEL_TASK and stopped_by is not None:
+        # A retried cancel (its first answer lost in an outage) learns how the first one
+        # stopped the task, rather than "too late" from a second row.
+        stopped = _reread_signal(stopped_by)
+        return _signal_answer({**stopped, "already_pending": False, "already_stopped": True})
     # A task that finished gets nothing: the signal is written completed, too late.
     too_late = run_state in RunState.FINISHED
     if not wait or too_late:
@@ -714,7 +723,7 @@ def _write_signal(
     row = CeleryTaskSignal.objects.send(
         task_id, kind, message, requested_by=request.auth, finished=too_late, source=Source.API
     )
-    return {**_signal_row(row), "already_pending": row.already_pending}
+    return {**_signal_row(row), "already_pending": row.already_pending, "already_stopped": False}
 
 
 def _reread_signal(signal_id: int) -> dict[str, Any]:

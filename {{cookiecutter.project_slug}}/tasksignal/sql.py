@@ -393,12 +393,18 @@ def user_by_token() -> str:
 
 @functools.cache
 def task_facts() -> str:
-    """What the API knows of a task before it signals it: whether anything records it, and
-    its run record's state. Parameter (twice, by name): ``task_id``."""
+    """What the API knows of a task before it signals it: its run record's state, whether
+    any signal was sent to it, and the id of the cancel that stopped it (if one did).
+    Parameter (by name): ``task_id``."""
     n, s = _run_names(), _signal_names()
+    stopped = ", ".join(f"'{outcome}'" for outcome in Outcome.STOPPED)
     return f"""
         SELECT (SELECT {n["state"]} FROM {n["table"]} WHERE {n["task_id"]} = %(task_id)s),
-            EXISTS (SELECT 1 FROM {s["table"]} WHERE {s["task_id"]} = %(task_id)s)
+            EXISTS (SELECT 1 FROM {s["table"]} WHERE {s["task_id"]} = %(task_id)s),
+            (SELECT {s["id"]} FROM {s["table"]} WHERE {s["task_id"]} = %(task_id)s
+                AND {s["signal"]} = '{CANCEL_TASK}' AND {s["completed"]}
+                AND {s["outcome"]} IN ({stopped})
+             ORDER BY {s["completed_at"]} LIMIT 1)
     """  # noqa: S608
 
 

@@ -20,6 +20,7 @@ from django.db import connection
 
 from tasksignal.auth import create_token
 from tasksignal.models import ApiToken, CeleryTaskSignal, TaskRun
+from tasksignal.states import Outcome
 
 pytestmark = pytest.mark.django_db
 
@@ -327,6 +328,7 @@ def test_signal_endpoint_answers_202_with_the_pending_signal(api, run, verb):
         "completed_at": None,
         "latency_ms": None,
         "already_pending": False,
+        "already_stopped": False,
     }, body
 
 
@@ -346,6 +348,22 @@ def test_a_cancel_of_a_finished_task_answers_at_once_that_it_came_too_late(api, 
     assert (body["completed"], body["outcome"]) == (True, "too_late"), body
     row = CeleryTaskSignal.objects.get(task_id=run.task_id)
     assert (row.completed, row.outcome) == (True, "too_late"), row
+
+
+@pytest.mark.parametrize("state", ["running", "cancelled"])
+def test_a_cancel_sent_again_after_one_stopped_the_task_answers_with_that_one(api, run, state):
+    # The client's first answer was lost (a 503 during an outage): its retry must not learn
+    # "too late" from a second row, whether or not the node wrote the run's end yet.
+    first = CeleryTaskSignal.objects.cancel(run.task_id)
+    first.mark_completed(Outcome.COOPERATIVE)
+    TaskRun.objects.filter(pk=run.pk).update(state=state)
+    body = expect(api.post(f"/api/tasks/{run.task_id}/cancel/?wait=1"), 200)
+    assert (body["id"], body["outcome"], body["already_stopped"]) == (
+        first.pk,
+        Outcome.COOPERATIVE,
+        True,
+    ), f"the retried cancel did not answer with the one that stopped the task: {body}"
+    assert CeleryTaskSignal.objects.filter(task_id=run.task_id).count() == 1, "a second row"
 
 
 def test_cancel_with_a_wait_longer_than_allowed_is_cut_to_the_maximum(api, run, settings):
