@@ -188,7 +188,7 @@ def test_cancel_storm_honours_every_cancel_without_collateral(
 
 #: The fault run: at least 60 s of storm, every fault (node killed, node frozen, Redis and
 #: PostgreSQL restarted) once, on servers of the run's own (loadtest/faults.py).
-FAULT_SETTINGS = {"CHAOS_DURATION": "60s", "CHAOS_SETTLE": "90"}
+FAULT_SETTINGS = {"CHAOS_DURATION": "60s", "CHAOS_SETTLE": "90", "CHAOS_MODES": "cancel"}
 FAULT_KINDS = {"node-kill", "node-freeze", "redis-restart", "postgres-restart"}
 
 

@@ -8,8 +8,9 @@ does not have it. It takes the API's credentials and signal permission and answe
 database time of the request, ``{"id": ..., "revoked_at": ...}``.
 """
 
+import kombu.exceptions
 from celery import current_app
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -37,10 +38,14 @@ def revoke(request, task_id: str):
         return error_response(401, exc.message, {"WWW-Authenticate": exc.challenge})
     except ApiError as exc:
         return error_response(exc.status, exc.message)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement_timestamp()")
-        (revoked_at,) = cursor.fetchone()
-    current_app.control.revoke(task_id, terminate=True, signal="SIGKILL")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement_timestamp()")
+            (revoked_at,) = cursor.fetchone()
+        current_app.control.revoke(task_id, terminate=True, signal="SIGKILL")
+    except (DatabaseError, kombu.exceptions.OperationalError):
+        # What the API answers when a server is down; the fault run asks again.
+        return error_response(503, "a server is unavailable; try again")
     return json_response({"id": task_id, "revoked_at": revoked_at}, 202)
 
 

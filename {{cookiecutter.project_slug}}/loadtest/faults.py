@@ -86,6 +86,7 @@ class ChaosSettings:
     settle: float
     seed: int
     report_dir: Path
+    modes: tuple[str, ...] = ("cancel", "revoke")
 
     @classmethod
     def from_env(cls, env: environ.Env) -> ChaosSettings:
@@ -102,9 +103,12 @@ class ChaosSettings:
                 settle=env.float("CHAOS_SETTLE", default=90.0),
                 seed=env.int("CHAOS_SEED", default=secrets.randbelow(1_000_000)),
                 report_dir=Path(env.str("LOADTEST_REPORT_DIR", default="loadtest/reports")),
+                modes=tuple(env.list("CHAOS_MODES", default=["cancel", "revoke"])),
             )
         except (ValueError, environ.ImproperlyConfigured) as error:
             raise run.LoadTestError(f"bad CHAOS_* setting: {error}") from None
+        if not set(settings.modes) <= {"cancel", "revoke"} or not settings.modes:
+            raise run.LoadTestError(f"CHAOS_MODES must name cancel and/or revoke: {settings.modes}")
         if settings.duration < 40:
             raise run.LoadTestError("CHAOS_DURATION must be at least 40s: four faults need room")
         return settings
@@ -252,7 +256,40 @@ def left_behind(limit: int = 10) -> list[dict[str, Any]]:
             "signal", "completed", "outcome", "created", "acknowledged_at", "completed_at"
         )
         found.append({"task_id": task_id, "run": run_row.first(), "signals": list(signals)})
+    try:
+        held = broker_copies({entry["task_id"] for entry in found})
+    except Exception as error:  # the broker is what failed: say so, keep the rest
+        held = {entry["task_id"]: [f"broker not readable: {error}"] for entry in found}
+    for entry in found:
+        entry["broker"] = held.get(entry["task_id"], [])
     return json.loads(json.dumps(found, default=str))
+
+
+def broker_copies(task_ids: set[str]) -> dict[str, list[str]]:
+    """Where Redis holds a message of each of ``task_ids``: in its queue, or delivered and
+    not acknowledged (with the delivery's age in seconds)."""
+    from django.conf import settings
+    from kombu.utils.json import loads
+
+    from config.celery import app
+
+    held: dict[str, list[str]] = {}
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client, qos = channel.client, channel.qos
+        prefix = getattr(client, "global_keyprefix", "")
+        queue = settings.CELERY_TASK_DEFAULT_QUEUE
+        for payload in client.lrange(prefix + queue, 0, -1):
+            task_id = loads(payload).get("headers", {}).get("id")
+            if task_id in task_ids:
+                held.setdefault(task_id, []).append(f"queued in {queue}")
+        delivered = dict(client.zrange(prefix + qos.unacked_index_key, 0, -1, withscores=True))
+        for tag, payload in client.hgetall(prefix + qos.unacked_key).items():
+            task_id = loads(payload)[0].get("headers", {}).get("id")
+            if task_id in task_ids:
+                age = time.time() - delivered.get(tag, time.time())
+                held.setdefault(task_id, []).append(f"unacknowledged for {age:.0f} s")
+    return held
 
 
 def per_fault(faults: list[Fault], flows: list[dict]) -> dict[str, dict]:
@@ -281,8 +318,8 @@ def per_fault(faults: list[Fault], flows: list[dict]) -> dict[str, dict]:
             "outage_s": round(fault.end - fault.start, 1),
             "note": fault.note,
             "flows": len(hit),
-            "cancels": sum(flow["kind"] == "cancel" for flow in hit),
-            "honoured": sum(flow["honoured"] for flow in hit if flow["kind"] == "cancel"),
+            "cancels": sum(flow["kind"] != "sibling" for flow in hit),
+            "honoured": sum(flow["honoured"] for flow in hit if flow["kind"] != "sibling"),
             "siblings_ok": sum(flow["honoured"] for flow in hit if flow["kind"] == "sibling"),
             "lost": sum(not flow["honoured"] for flow in hit),
             "recovery_p50_s": round(statistics.median(recovery), 2) if recovery else None,
@@ -315,7 +352,8 @@ def failures_of(summary: dict) -> list[str]:
 
 
 def main() -> int:
-    """Run the storm under faults; return the exit code."""
+    """Run the storm under faults, then the baseline under the same faults; return the exit
+    code (the baseline never fails the run)."""
     env = environ.Env()
     env.read_env(run.PROJECT_DIR / ".env")
     try:
@@ -325,8 +363,6 @@ def main() -> int:
         return 2
     logs = settings.report_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    flow_log = settings.report_dir / "faults-flows.jsonl"
-    flow_log.unlink(missing_ok=True)
     run_id = secrets.token_hex(4)
     from tasksignal.testing import PostgresServer, RedisServer
 
@@ -334,6 +370,7 @@ def main() -> int:
         raise KeyboardInterrupt(signal.Signals(signum).name)  # so the servers are removed
 
     signal.signal(signal.SIGTERM, on_signal)
+    runs: dict[str, dict[str, Any]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="tasksignal-chaos-") as scratch,
         RedisServer(Path(scratch), persistent=True) as redis_server,
@@ -380,58 +417,104 @@ def main() -> int:
             with web:
                 stack.start_worker()
                 run.Target(None, server_env, web.url, token, None, 0).smoke()
-                run.say(f"ready; storm for {settings.duration} s, faults (seed {settings.seed}):")
-                storm_env = {
-                    **server_env,
-                    "LOADTEST_HOST": web.url,
-                    "LOADTEST_TOKEN": token,
-                    "LOADTEST_MODE": "cancel",
-                    "LOADTEST_LABEL": "faults",
-                    "LOADTEST_FAULTS": "1",
-                    # Latency is the plain storm's business; here an outage is in it.
-                    "LOADTEST_MAX_P99_MS": "1000000",
-                    "LOADTEST_FLOW_LOG": str(flow_log),
-                    "LOADTEST_DURATION": f"{settings.duration}s",
-                    "LOADTEST_USERS": str(settings.users),
-                    "LOADTEST_SIBLING_USERS": str(settings.sibling_users),
-                    "LOADTEST_REPORT_DIR": str(settings.report_dir),
-                }
-                storm = threading.Thread(target=run.run_locust, args=(storm_env,), daemon=True)
-                stop_watching = threading.Event()
-                watcher = threading.Thread(target=stack.watch, args=(stop_watching,), daemon=True)
-                began = time.monotonic()
-                storm.start()
-                watcher.start()
-                faults = []
-                for kind, at in sorted(settings.schedule(), key=lambda item: item[1]):
-                    time.sleep(max(0.0, began + at - time.monotonic()))
-                    faults.append(inject(stack, kind, settings))
-                storm.join()
-                run.say("storm over; waiting for the stack to settle")
-                found = audit(settings.settle)
-                stop_watching.set()
-                watcher.join()
+                for mode in settings.modes:
+                    runs[mode] = storm_under_faults(stack, settings, mode, server_env, web, token)
                 stack.worker.stop()
-    storm_summary_path = settings.report_dir / "faults-summary-storm.json"
-    storm_path = settings.report_dir / "faults-summary.json"
-    storm_summary = json.loads(storm_path.read_text()) if storm_path.exists() else None
-    if storm_summary is not None:
-        storm_path.rename(storm_summary_path)
+    summary: dict[str, Any] = runs.get("cancel", {"failures": ["the storm did not run"]})
+    summary["settings"] = {**asdict(settings), "report_dir": str(settings.report_dir)}
+    if "revoke" in runs:
+        summary["baseline_revoke"] = runs["revoke"]
+    summary["passed"] = not summary["failures"]
+    summary_path = settings.report_dir / "faults-summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(format_report(summary))
+    print(f"summary: {summary_path}")
+    return 0 if summary["passed"] else 1
+
+
+def storm_under_faults(
+    stack: Stack,
+    settings: ChaosSettings,
+    mode: str,
+    server_env: dict[str, str],
+    web: Any,
+    token: str,
+) -> dict[str, Any]:
+    """One storm (``cancel``: tasksignal, ``revoke``: the baseline) with every fault once at
+    the moments of ``settings.schedule()``; then the stack settles and the database (or,
+    for the baseline, the result backend) is audited."""
+    label = "faults" if mode == "cancel" else "faults-baseline"
+    flow_log = settings.report_dir / f"{label}-flows.jsonl"
+    flow_log.unlink(missing_ok=True)
+    run.say(f"{mode} storm for {settings.duration} s, faults (seed {settings.seed}):")
+    storm_env = {
+        **server_env,
+        "LOADTEST_HOST": web.url,
+        "LOADTEST_TOKEN": token,
+        "LOADTEST_MODE": mode,
+        "LOADTEST_LABEL": label,
+        "LOADTEST_FAULTS": "1",
+        # Latency is the plain storm's business; here an outage is in it.
+        "LOADTEST_MAX_P99_MS": "1000000",
+        "LOADTEST_FLOW_LOG": str(flow_log),
+        "LOADTEST_DURATION": f"{settings.duration}s",
+        "LOADTEST_USERS": str(settings.users),
+        "LOADTEST_SIBLING_USERS": str(settings.sibling_users),
+        "LOADTEST_REPORT_DIR": str(settings.report_dir),
+    }
+    stack.restarts = []
+    storm = threading.Thread(target=run.run_locust, args=(storm_env,), daemon=True)
+    stop_watching = threading.Event()
+    watcher = threading.Thread(target=stack.watch, args=(stop_watching,), daemon=True)
+    began = time.monotonic()
+    storm.start()
+    watcher.start()
+    faults = []
+    for kind, at in sorted(settings.schedule(), key=lambda item: item[1]):
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        faults.append(inject(stack, kind, settings))
+    storm.join()
+    run.say(f"{mode} storm over; waiting for the stack to settle")
     lines = flow_log.read_text().splitlines() if flow_log.exists() else []
     flows = [json.loads(line) for line in lines]
+    found = audit(settings.settle) if mode == "cancel" else audit_revokes(flows, settings)
+    stop_watching.set()
+    watcher.join()
+    storm_path = settings.report_dir / f"{label}-summary.json"
+    storm_summary = json.loads(storm_path.read_text()) if storm_path.exists() else None
     summary: dict[str, Any] = {
-        "settings": {**asdict(settings), "report_dir": str(settings.report_dir)},
         "storm": storm_summary,
         "faults": per_fault(faults, flows),
         "audit": found,
         "restarts": stack.restarts,
     }
-    summary["failures"] = failures_of(summary)
-    summary["passed"] = not summary["failures"]
-    storm_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(format_report(summary))
-    print(f"summary: {storm_path}")
-    return 0 if summary["passed"] else 1
+    summary["failures"] = failures_of(summary) if mode == "cancel" else []
+    return summary
+
+
+def audit_revokes(flows: list[dict], settings: ChaosSettings) -> dict[str, Any]:
+    """What became of the baseline's revoked tasks once the broker had time to deliver again
+    what a dead node held (the visibility timeout, twice): revoked and seen ``REVOKED``, yet
+    finished later all the same (their revoke lived in a worker's memory: celery#8888)."""
+    from config.celery import app
+    from tasksignal import results
+
+    time.sleep(2 * settings.visibility_timeout)
+    revoked = [flow["task_id"] for flow in flows if flow["kind"] == "revoke" and flow["honoured"]]
+    try:
+        ended = results.ended_states(app.backend, revoked)
+    except Exception as error:
+        return {"error": str(error)[:200]}
+    # SUCCESS: the body ran to its end after all (delivered again, its revoke forgotten);
+    # FAILURE: the kill itself, recorded over REVOKED as a lost worker.
+    succeeded = sorted(task_id for task_id, state in ended.items() if state == "succeeded")
+    failed = sum(state == "failed" for state in ended.values())
+    return {
+        "revoked": len(revoked),
+        "succeeded_after_revoked": len(succeeded),
+        "failed_after_revoked": failed,
+        "examples": succeeded[:5],
+    }
 
 
 def format_report(summary: dict) -> str:
@@ -457,6 +540,14 @@ def format_report(summary: dict) -> str:
         f"{counts.get('http_failures')} other failures; audit {audited}"
     )
     lines += [f"FAIL: {reason}" for reason in summary["failures"]] or ["PASS"]
+    baseline = summary.get("baseline_revoke")
+    if baseline is not None:
+        counts = (baseline["storm"] or {"counts": {}})["counts"]
+        lines.append(
+            f"baseline revoke(terminate=True) under the same faults: {counts.get('honoured')} "
+            f"of {counts.get('cancelled')} seen REVOKED, {counts.get('siblings_failed')} "
+            f"siblings harmed; afterwards {baseline['audit']}"
+        )
     return "\n".join(lines)
 
 

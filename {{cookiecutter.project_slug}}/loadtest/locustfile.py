@@ -270,25 +270,36 @@ class CancelStormUser(ApiUser):
     def revoke_and_poll(self, task_id: str, shape: Shape, sent: float) -> None:
         """Baseline: Celery's revoke(terminate=True), then poll until ``REVOKED`` is seen."""
         fire(self.environment, "STORM", "cancelled", 0)
-        status, _ = self.call(
-            "POST", f"/loadtest/tasks/{task_id}/revoke/", "POST /loadtest/tasks/[id]/revoke/"
-        )
         give_up = sent + STORM.deadlines.longest(shape.step)
-        delay = 0.01
+        status, _ = self.call_through_outages(  # a revoke, like a cancel, may be sent again
+            "POST",
+            f"/loadtest/tasks/{task_id}/revoke/",
+            "POST /loadtest/tasks/[id]/revoke/",
+            give_up,
+        )
+        delay, state = 0.01, None
         while status == 202 and time.monotonic() < give_up:
             gevent.sleep(delay)
             delay = min(delay * 1.5, 0.25)
             _, document = self.call("GET", f"{TASKS}{task_id}/", "GET /api/tasks/[id]/")
-            if document.get("state") == "REVOKED":
+            state = document.get("state", state)
+            if state == "REVOKED":
                 seen = (time.monotonic() - sent) * 1000
                 started = document.get("run_state") not in (None, "queued")
                 fire(self.environment, "REVOKE", shape.step if started else "skipped", seen)
                 fire(self.environment, "STORM", "honoured", seen)
-                return
-            if document.get("state") in verdict.FAILED_STATES:
                 break
-        error = Unhonoured(f"{shape.task} {task_id}: not REVOKED in time after the revoke")
-        fire(self.environment, "STORM", "unhonoured", 0, error)
+            if state in verdict.FAILED_STATES:
+                break
+        STORM.log_flow(
+            kind="revoke", task_id=task_id, task=shape.task, cancelled=time.time() - (
+                time.monotonic() - sent
+            ), seen=time.time(), honoured=state == "REVOKED", outcome=state,
+            reason=f"state {state}",
+        )  # fmt: skip
+        if state != "REVOKED":
+            error = Unhonoured(f"{shape.task} {task_id}: not REVOKED in time after the revoke")
+            fire(self.environment, "STORM", "unhonoured", 0, error)
 
 
 class SiblingUser(ApiUser):
