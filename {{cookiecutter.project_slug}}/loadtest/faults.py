@@ -18,8 +18,12 @@
 
 4. Waits until the stack settles (``CHAOS_SETTLE``, 90 s at most), then audits the database:
    no signal left pending, every completed signal with its outcome and time, no run left
-   ``running``, ``paused`` or ``queued``.
-5. Writes ``faults-summary.json``: the storm's counts, and per fault kind when it happened,
+   ``running``, ``paused`` or ``queued`` (each one left is listed, with where the broker
+   holds its message).
+5. Runs the storm again with Celery's ``revoke(terminate=True)`` (the baseline) under the
+   same faults at the same moments, and asks the result backend which of the tasks it saw
+   ``REVOKED`` ran to their end all the same (``CHAOS_MODES``: ``cancel,revoke``).
+6. Writes ``faults-summary.json``: the storm's counts, and per fault kind when it happened,
    how many flows it overlapped, how many of those were honoured, and how long after the
    fault ended their stops were seen (p50, max). Exits 0 only when every cancel was
    honoured, no sibling was harmed or lost, the API answered nothing 5xx but 503, the audit
@@ -27,8 +31,8 @@
    its own is restarted, as a supervisor would, and that is reported as a failure).
 
 Settings: ``CHAOS_DURATION`` [90s], ``CHAOS_USERS`` [24], ``CHAOS_SIBLING_USERS`` [6],
-``CHAOS_WORKER_CONCURRENCY`` [16], ``CHAOS_SEED`` (the fault moments), the ones above, and
-``LOADTEST_REPORT_DIR``.
+``CHAOS_WORKER_CONCURRENCY`` [16], ``CHAOS_SEED`` (the fault moments), ``CHAOS_MODES``
+[cancel,revoke], the ones above, and ``LOADTEST_REPORT_DIR``.
 """
 
 from __future__ import annotations

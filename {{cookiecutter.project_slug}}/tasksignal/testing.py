@@ -111,17 +111,22 @@ class ProjectProcess:
             preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + self.ready_timeout
+        last_error = ""
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(
                     f"{self.script} exited with {process.returncode}: {self.log_tail()}"
                 )
-            if self.ready():
-                return self
+            try:
+                if self.ready():
+                    return self
+            except Exception as error:  # what the check talks to is restarting: not yet
+                last_error = f" (last check: {error})"
             time.sleep(0.1)
-        self.kill()
+        self.kill()  # never left running behind a failed start
         raise RuntimeError(
-            f"{self.script} was not ready within {self.ready_timeout}s: {self.log_tail()}"
+            f"{self.script} was not ready within {self.ready_timeout}s{last_error}: "
+            f"{self.log_tail()}"
         )
 
     def child_pids(self) -> list[int]:
