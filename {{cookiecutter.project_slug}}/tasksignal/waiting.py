@@ -138,11 +138,6 @@ class Hub:
                 if not waiters:
                     self._waiters.pop(task_id, None)
 
-    @property
-    def listening(self) -> bool:
-        """Whether notices reach this process now (else waiters look for themselves)."""
-        return self._listening.is_set()
-
     def waiting(self) -> int:
         """How many requests of this process wait now."""
         return sum(len(waiters) for waiters in list(self._waiters.values()))

@@ -151,6 +151,38 @@ def test_hundreds_of_waiters_hold_no_connection_and_are_all_answered(web, token)
     assert took < 10, f"{WAITERS} waiters took {took:.1f}s to be answered"
 
 
+def test_a_cancel_completed_while_the_hub_reconnects_is_answered_once_it_is_back(web, token):
+    """The completion's notice is lost while the hub is away; its reconnection wakes the
+    waiter, which must look for itself (a PostgreSQL restart left waiters asleep until
+    their deadline)."""
+    task_id = running_record()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(call, web, token, "POST", f"/api/tasks/{task_id}/cancel/?wait=60")
+        wait_for(lambda: waiting(web) == 1, 10, "the request to wait")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'tasksignal waiting hub'"
+            )
+            assert cursor.fetchone() is not None, "no waiting hub session to cut"
+        time.sleep(0.2)  # the hub is away for about a second
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql.complete_cancels_of(),
+                {
+                    "outcome": Outcome.COOPERATIVE,
+                    "error": "",
+                    "keys": [task_id],
+                    "done_channel": notify.done_channel(),
+                },
+            )
+        started = time.monotonic()
+        status, body = answer.result(timeout=90)
+    took = time.monotonic() - started
+    assert (status, body.get("outcome")) == (200, Outcome.COOPERATIVE), body
+    assert took < 10, f"the waiter was answered {took:.1f}s after the completion"
+
+
 def test_a_waiter_whose_client_hangs_up_is_released(web, token):
     task_id = running_record()
     request = (
