@@ -265,35 +265,20 @@ def left_behind(limit: int = 10) -> list[dict[str, Any]]:
     except Exception as error:  # the broker is what failed: say so, keep the rest
         held = {entry["task_id"]: [f"broker not readable: {error}"] for entry in found}
     for entry in found:
-        entry["broker"] = held.get(entry["task_id"], [])
+        entry["broker"] = held.get(entry["task_id"], "nowhere: lost")
     return json.loads(json.dumps(found, default=str))
 
 
-def broker_copies(task_ids: set[str]) -> dict[str, list[str]]:
+def broker_copies(task_ids: set[str]) -> dict[str, str]:
     """Where Redis holds a message of each of ``task_ids``: in its queue, or delivered and
-    not acknowledged (with the delivery's age in seconds)."""
+    not acknowledged (a task left live with neither lost its message)."""
     from django.conf import settings
-    from kombu.utils.json import loads
 
     from config.celery import app
+    from tasksignal import broker
 
-    held: dict[str, list[str]] = {}
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        client, qos = channel.client, channel.qos
-        prefix = getattr(client, "global_keyprefix", "")
-        queue = settings.CELERY_TASK_DEFAULT_QUEUE
-        for payload in client.lrange(prefix + queue, 0, -1):
-            task_id = loads(payload).get("headers", {}).get("id")
-            if task_id in task_ids:
-                held.setdefault(task_id, []).append(f"queued in {queue}")
-        delivered = dict(client.zrange(prefix + qos.unacked_index_key, 0, -1, withscores=True))
-        for tag, payload in client.hgetall(prefix + qos.unacked_key).items():
-            task_id = loads(payload)[0].get("headers", {}).get("id")
-            if task_id in task_ids:
-                age = time.time() - delivered.get(tag, time.time())
-                held.setdefault(task_id, []).append(f"unacknowledged for {age:.0f} s")
-    return held
+    held = broker.held_messages(app, {settings.CELERY_TASK_DEFAULT_QUEUE}) or {}
+    return {task_id: held[task_id] for task_id in task_ids if task_id in held}
 
 
 def per_fault(faults: list[Fault], flows: list[dict]) -> dict[str, dict]:

@@ -76,3 +76,48 @@ def restore_unacknowledged(app: "Celery", task_ids: set[str]) -> int:
                 qos.restore_by_tag(tag, client)
                 restored += 1
     return restored
+
+
+#: A queue longer than this is not read through to look for lost messages (too costly).
+SCAN_LIMIT = 10_000
+
+
+def held_messages(app: "Celery", queues: set[str]) -> dict[str, str] | None:
+    """Where Redis holds the message of each task it holds one for: waiting in one of
+    ``queues`` (at any priority) or delivered and not acknowledged yet. ``None`` for any
+    other broker, or when a queue is longer than :data:`SCAN_LIMIT`.
+
+    One transaction reads every queue and the unacknowledged set, so a message a worker
+    takes meanwhile is seen in one place or the other, never in neither. A message is in
+    neither only while a worker's ``BRPOP`` answer travels to it, and for good if that
+    worker dies then: kombu records a delivery only once the answer arrived.
+    """
+    import redis as redis_client
+    from kombu.utils.json import loads
+
+    held: dict[str, str] = {}
+    with app.connection_for_write() as connection:
+        if connection.transport.driver_type != "redis":
+            return None
+        channel = connection.default_channel
+        prefix = getattr(channel.client, "global_keyprefix", "")
+        # kombu's client prefixes some commands and not others: use a plain one, prefix all.
+        client = redis_client.Redis(connection_pool=channel.client.connection_pool)
+        keys = {
+            prefix + channel._q_for_pri(queue, priority): queue
+            for queue in queues
+            for priority in channel.priority_steps
+        }
+        if any(client.llen(key) > SCAN_LIMIT for key in keys):
+            return None
+        with client.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.lrange(key, 0, -1)
+            pipe.hgetall(prefix + channel.qos.unacked_key)
+            *lists, unacked = pipe.execute()
+        for key, payloads in zip(keys, lists, strict=True):
+            for payload in payloads:
+                held[loads(payload).get("headers", {}).get("id")] = f"queued in {keys[key]}"
+        for payload in unacked.values():
+            held[loads(payload)[0].get("headers", {}).get("id")] = "delivered, unacknowledged"
+    return held

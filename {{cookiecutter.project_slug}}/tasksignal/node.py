@@ -114,6 +114,10 @@ WAKE_FOR_EVENTS = struct.pack("<i", -1)
 DATABASE_ERRORS = (psycopg.Error, OSError)
 #: Unfinished run records a starting node checks against the result backend (newest first).
 RECOVERY_LIMIT = 10_000
+#: A queued run whose record is this old (seconds) and whose message Redis does not hold
+#: lost it; it is looked for twice, LOST_RECHECK seconds apart.
+LOST_AFTER = 5.0
+LOST_RECHECK = 1.0
 
 _current: Node | None = None
 
@@ -201,6 +205,10 @@ class Node:
         self._orphans_settled = False
         self._requeued: set[str] = set()
         self._records_checked = False
+        #: Queued runs to look for in the broker after recovery (id: task name), and those
+        #: not found at the first look.
+        self._lost_candidates: dict[str, str] = {}
+        self._lost_suspects: set[str] | None = None
         self._application = f"tasksignal node {hostname}"[:63]
         self._questions: dict[tuple[str, str], Question] = {}
         # Main thread -> node thread; the thread is woken only while it sleeps.
@@ -230,7 +238,7 @@ class Node:
         self._ended: list[str] = []
         self._records: dict[str, dict[str, Any]] = {}
         self._next = dict.fromkeys(
-            ("poll", "reconcile", "flush", "snapshot", "unlisten", "recover"), 0.0
+            ("poll", "reconcile", "flush", "snapshot", "unlisten", "recover", "lost"), 0.0
         )
         self._reconnect_at = 0.0
         self._outage = False
@@ -520,6 +528,8 @@ class Node:
         self._take_events()
         if self._db is not None and not self._records_checked and now >= self._next["recover"]:
             self._recover_orphans(now)
+        if self._db is not None and self._lost_candidates and now >= self._next["lost"]:
+            self._find_lost_messages(now)
         if self._db is not None and self._maybe_notified:
             self._take_notifications()
         # Periodic work due soon is done now, while the thread is awake anyway.
@@ -561,6 +571,8 @@ class Node:
             deadlines.append(self._reconnect_at)
         elif not self._records_checked:
             deadlines.append(self._next["recover"])
+        elif self._lost_candidates:
+            deadlines.append(self._next["lost"])
         if self._tracked:
             deadlines += [self._next["reconcile"], self._next["poll"]]
         if self._records or self._ended:
@@ -636,6 +648,7 @@ class Node:
         3. The messages of the orphans requeued in 1, and of queued runs with a pending
            cancel (a dead node held them unstarted; restoring one a live worker holds is
            harmless: whichever copy comes first is skipped, and the other then too).
+        4. Then, queued runs whose message the broker lost: :meth:`_find_lost_messages`.
         """
         if not self._orphans_settled:
             ((requeued, killed, _, _),) = self._execute(
@@ -666,19 +679,73 @@ class Node:
             self._execute(
                 sql.settle_ended_runs(), {**parameters, "done_channel": self.done_channel}
             )
-        waiting = {task_id for task_id, _state, cancel in unfinished if cancel}
+        waiting = {task_id for task_id, _state, cancel, *_ in unfinished if cancel}
         try:
             restored = broker.restore_unacknowledged(app, (self._requeued | waiting) - set(ended))
         except Exception as exc:  # the broker is away
             self._recover_later(now, exc)
             return
         self._records_checked = True
+        self._lost_candidates = {
+            task_id: name
+            for task_id, state, _cancel, name, age in unfinished
+            if state == RunState.QUEUED and age >= LOST_AFTER and task_id not in ended
+        }
+        self._next["lost"] = now
         if ended or restored:
             logger.warning(
                 "tasksignal node %s: %d run records ended from their results, %d messages "
                 "given back to the queue",
                 self.hostname, len(ended), restored,
             )  # fmt: skip
+
+    def _find_lost_messages(self, now: float) -> None:
+        """After recovery: send again the queued runs whose message Redis lost, and settle
+        those among them with a pending cancel (:func:`sql.settle_lost_runs`).
+
+        A node killed while a message was on its way to it (``BRPOP`` answered, the answer
+        not read yet) takes the only copy with it; so does a web process that died between
+        committing a run's record and publishing its message. A message in no queue and
+        not delivered, in two looks a second apart (one on its way to a live worker lands
+        in between), is lost. Only runs recorded by ``start_recorded`` (the API, the admin)
+        are ``queued``, with their name and arguments: they can be sent again faithfully.
+        """
+        app = self.worker.app
+        queues = {
+            app.amqp.router.route({}, name)["queue"].name for name in self._lost_candidates.values()
+        }
+        try:
+            held = broker.held_messages(app, queues)
+        except Exception as exc:  # the broker is away
+            self._next["lost"] = now + RECONNECT_DELAY
+            logger.warning("tasksignal node cannot look for lost messages yet (%s)", exc)
+            return
+        if held is None:  # not Redis, or too much to read through
+            self._lost_candidates = {}
+            return
+        missing = {
+            task_id: name for task_id, name in self._lost_candidates.items() if task_id not in held
+        }
+        if self._lost_suspects is None:
+            self._lost_candidates, self._lost_suspects = missing, set(missing)
+            self._next["lost"] = now + LOST_RECHECK
+            return
+        lost = list(self._lost_suspects & missing.keys())
+        self._lost_candidates, self._lost_suspects = {}, None
+        if not lost:
+            return
+        ((resend, skipped, _, _),) = self._execute(
+            sql.settle_lost_runs(), {"task_ids": lost, "done_channel": self.done_channel}
+        )
+        for task_id, name, kwargs in resend or []:
+            app.send_task(
+                name, kwargs=kwargs or {}, task_id=task_id, headers={RECORDED_HEADER: True}
+            )
+        logger.warning(
+            "tasksignal node %s: %d queued runs had lost their message: %d sent again, "
+            "%d cancelled ones settled skipped",
+            self.hostname, len(lost), len(resend or []), skipped,
+        )  # fmt: skip
 
     def _recover_later(self, now: float, error: Exception) -> None:
         self._next["recover"] = now + RECONNECT_DELAY

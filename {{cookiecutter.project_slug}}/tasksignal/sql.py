@@ -215,15 +215,17 @@ def recover_orphans() -> str:
 @functools.cache
 def unfinished_runs() -> str:
     """The runs recorded ``queued``, ``running`` or ``paused``, newest first, each with its
-    state and whether it has a pending cancel: what a node checks as it starts (the result
-    backend may know that some are over). Parameter by name: ``limit``."""
+    state, whether it has a pending cancel, its task's name and the seconds since its record
+    changed: what a node checks as it starts (the result backend may know that some are
+    over; the broker may have lost some). Parameter by name: ``limit``."""
     n, s = _run_names(), _signal_names()
     states = ", ".join(f"'{state}'" for state in (RunState.QUEUED, *RunState.LIVE))
     return f"""
         SELECT t.{n["task_id"]}, t.{n["state"]}, EXISTS (
             SELECT 1 FROM {s["table"]} c WHERE c.{s["task_id"]} = t.{n["task_id"]}
                 AND c.{s["signal"]} = '{CANCEL_TASK}' AND NOT c.{s["completed"]}
-        )
+        ), t.{n["task_name"]},
+            EXTRACT(EPOCH FROM statement_timestamp() - t.{n["updated_at"]})::float8
         FROM {n["table"]} t WHERE t.{n["state"]} IN ({states})
         ORDER BY t.{n["updated_at"]} DESC LIMIT %(limit)s
     """  # noqa: S608
@@ -256,6 +258,51 @@ def settle_ended_runs() -> str:
         SELECT (SELECT count(*) FROM ended), ({_done_notice("settled", "%(done_channel)s")}),
             (SELECT count(pg_notify(%(done_channel)s,
                 json_build_object('task_id', task_id, 'ended', true)::text)) FROM ended)
+    """  # noqa: S608
+
+
+@functools.cache
+def settle_lost_runs() -> str:
+    """Settle the queued runs whose message the broker lost (no copy of it in Redis): each
+    with a pending cancel ends ``cancelled``, its cancels completed ``skipped`` (the task
+    never ran and no message is left to run it; one that turns up after all is skipped at
+    admission); the others are returned, their records touched, to be sent again.
+
+    Parameters by name: ``task_ids``, ``done_channel``. One row: the runs to send again as
+    a JSON list of ``[task_id, task_name, kwargs]`` (or NULL), and how many ended cancelled.
+    """
+    n, s = _run_names(), _signal_names()
+    return f"""
+        WITH lost AS (
+            SELECT t.{n["task_id"]} AS task_id, EXISTS (
+                SELECT 1 FROM {s["table"]} c WHERE c.{s["task_id"]} = t.{n["task_id"]}
+                    AND c.{s["signal"]} = '{CANCEL_TASK}' AND NOT c.{s["completed"]}
+            ) AS cancelled
+            FROM {n["table"]} t
+            WHERE t.{n["task_id"]} = ANY(%(task_ids)s) AND t.{n["state"]} = '{RunState.QUEUED}'
+            FOR UPDATE OF t
+        ), settled AS (
+            UPDATE {n["table"]} AS t SET
+                {n["state"]} = CASE WHEN l.cancelled THEN '{RunState.CANCELLED}'
+                    ELSE t.{n["state"]} END,
+                {n["finished_at"]} = CASE WHEN l.cancelled THEN statement_timestamp() END,
+                {n["updated_at"]} = statement_timestamp()
+            FROM lost l WHERE t.{n["task_id"]} = l.task_id
+            RETURNING t.{n["task_id"]} AS task_id, t.{n["task_name"]} AS task_name,
+                t.{n["kwargs"]} AS kwargs, l.cancelled AS cancelled
+        ), skipped AS (
+            UPDATE {s["table"]} SET {_completion(s, f"'{Outcome.SKIPPED}'", "''")}
+            WHERE {s["task_id"]} IN (SELECT task_id FROM settled WHERE cancelled)
+                AND {s["signal"]} = '{CANCEL_TASK}' AND NOT {s["completed"]}
+            RETURNING {_completed_columns(s)}
+        )
+        SELECT (SELECT json_agg(json_build_array(task_id, task_name, kwargs))
+                FROM settled WHERE NOT cancelled),
+            (SELECT count(*) FROM settled WHERE cancelled),
+            ({_done_notice("skipped", "%(done_channel)s")}),
+            (SELECT count(pg_notify(%(done_channel)s,
+                json_build_object('task_id', task_id, 'ended', true)::text))
+             FROM settled WHERE cancelled)
     """  # noqa: S608
 
 

@@ -3,12 +3,14 @@ and despite missed notifications."""
 
 import shutil
 import uuid
+from datetime import timedelta
 
 import psycopg
 import pytest
 from celery import Celery, current_app
 from django.conf import settings
 from django.db import transaction
+from django.db.models.functions import Now
 
 from tasksignal import notify
 from tasksignal.models import CeleryTaskSignal, TaskRun
@@ -191,6 +193,35 @@ def test_a_starting_node_ends_the_records_a_dead_node_left_of_runs_celery_saw_fi
         f"the new node did not end the records from Celery's results: {states}"
     )
     assert signal.outcome == Outcome.TOO_LATE, f"the finished run's cancel says {signal.outcome}"
+
+
+def lost_message_run(**kwargs) -> str:
+    """What a node killed while a message was on its way to it leaves (or a web process that
+    died between recording a run and publishing it): a queued record, no message anywhere."""
+    task_id = str(uuid.uuid4())
+    TaskRun.objects.create(task_id=task_id, state=RunState.QUEUED, **kwargs)
+    TaskRun.objects.filter(task_id=task_id).update(updated_at=Now() - timedelta(minutes=1))
+    return task_id
+
+
+def test_a_starting_node_sends_again_a_queued_run_whose_message_was_lost(make_worker):
+    task_id = lost_message_run(task_name="tests.tasks.echo", kwargs={"value": "sent again"})
+    with make_worker(own_queue=False, concurrency=1):  # where the task is routed
+        result = current_app.AsyncResult(task_id)
+        wait_for(lambda: result.ready(), 20, "the lost run to be sent again and to end")
+    assert (result.state, result.result) == ("SUCCESS", "sent again"), result.state
+
+
+def test_a_starting_node_settles_a_cancelled_queued_run_whose_message_was_lost(make_worker):
+    task_id = lost_message_run(task_name="tests.tasks.echo", kwargs={"value": "never"})
+    signal = CeleryTaskSignal.objects.cancel(task_id)
+    with make_worker(concurrency=1):
+        signal = wait_until_completed(signal, timeout=20)
+    run = TaskRun.objects.get(task_id=task_id)
+    assert (signal.outcome, run.state) == (Outcome.SKIPPED, RunState.CANCELLED), (
+        f"the lost cancelled run ended {run.state} with its cancel {signal.outcome}"
+    )
+    assert current_app.AsyncResult(task_id).state == "PENDING", "the cancelled run was sent"
 
 
 def test_two_workers_with_different_hostnames_each_honour_cancels(make_worker):
