@@ -51,7 +51,7 @@ from celery.signals import task_received, task_revoked
 from celery.utils.collections import LimitedSet
 from celery.utils.functional import maybe_list
 from celery.worker import state as worker_state
-from celery.worker.control import Panel, ok
+from celery.worker.control import Panel
 
 from tasksignal import node as nodes
 from tasksignal.registry import CANCEL_TASK
@@ -98,7 +98,10 @@ def revoke(
     task_ids = set(maybe_list(task_id) or [])
     node = nodes.current()
     if node is None:
-        return celery_handlers["revoke"](state, list(task_ids), terminate, signal, **kwargs)
+        answer: dict[str, str] = celery_handlers["revoke"](
+            state, list(task_ids), terminate, signal, **kwargs
+        )
+        return answer
     held, plain = set(), set()
     for one in task_ids:
         request = worker_state.requests.get(one)
@@ -116,7 +119,7 @@ def revoke(
     if plain:
         reply = celery_handlers["revoke"](state, sorted(plain), terminate, signal, **kwargs)
         replies.append(reply.get("ok") or reply.get("error", ""))
-    return ok("; ".join(replies))
+    return {"ok": "; ".join(replies)}  # what Celery's handlers answer
 
 
 def terminate(state: Any, signal: str, task_id: str | list[str], **kwargs: Any) -> dict[str, str]:
@@ -160,9 +163,12 @@ class CancelWriter:
             while todo:
                 task_id = todo[0]
                 # A task not held here may be over: its cancel is then too_late at once,
-                # rather than pending until the sweep expires it.
+                # rather than pending until the sweep expires it; once, though every
+                # worker hears the revoke.
                 finished = task_id not in held and _finished(app, task_id)
-                CeleryTaskSignal.objects.cancel(task_id, message, finished=finished)
+                cancels = CeleryTaskSignal.objects.filter(task_id=task_id, signal=CANCEL_TASK)
+                if not (finished and cancels.exists()):
+                    CeleryTaskSignal.objects.cancel(task_id, message, finished=finished)
                 todo.pop(0)
                 node = nodes.current()
                 if terminate and task_id in held and node is not None:

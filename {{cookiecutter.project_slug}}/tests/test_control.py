@@ -34,9 +34,11 @@ def cancel_of(task_id: str, timeout: float = 15.0) -> CeleryTaskSignal:
 def run_state(task_id: str, timeout: float = 10.0) -> str:
     """The run record's state once it is final (the node writes records in batches)."""
     return wait_for(
-        lambda: TaskRun.objects.filter(task_id=task_id, state__in=RunState.FINISHED)
-        .values_list("state", flat=True)
-        .first(),
+        lambda: (
+            TaskRun.objects.filter(task_id=task_id, state__in=RunState.FINISHED)
+            .values_list("state", flat=True)
+            .first()
+        ),
         timeout,
         f"the run record of {task_id} to end",
     )
