@@ -54,6 +54,7 @@ from celery.worker import state as worker_state
 from celery.worker.control import Panel
 
 from tasksignal import node as nodes
+from tasksignal.base import SignalAwareTask
 from tasksignal.registry import CANCEL_TASK
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,11 @@ def _revoke_plain_arrival(request: Any = None, **kwargs: object) -> None:
 
 
 @task_revoked.connect
-def _settle_plain_skip(request: Any = None, **kwargs: object) -> None:
-    """A plain task skipped for such a revoke: its cancel row is done (``skipped``)."""
-    signal_aware = hasattr(request, "_tasksignal_admitted")
-    if request is not None and not signal_aware and request.id in revoked_unknown:
+def _settle_plain_skip(sender: Any = None, request: Any = None, **kwargs: object) -> None:
+    """A plain task skipped for such a revoke: its cancel row is done (``skipped``).
+
+    ``request`` is the task's context here, not its worker request: the task (``sender``)
+    says whether it is signal-aware (those settle their own cancels)."""
+    plain = not isinstance(sender, SignalAwareTask)
+    if plain and request is not None and request.id in revoked_unknown:
         writer.settle_skipped(request.id)
