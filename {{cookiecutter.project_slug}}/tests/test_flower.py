@@ -11,12 +11,11 @@ import urllib.request
 
 import pytest
 
-from tasksignal.models import CeleryTaskSignal
-from tasksignal.registry import CANCEL_TASK
 from tasksignal.states import Outcome
 from tasksignal.testing import ProjectProcess, free_port
 from tests import tasks
-from tests.conftest import wait_for, wait_until_completed, wait_until_running
+from tests.conftest import wait_until_running
+from tests.test_control import cancel_of, shows_revoked
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -62,22 +61,13 @@ def flower(tmp_path_factory):
         yield process
 
 
-def cancel_of(task_id: str) -> CeleryTaskSignal:
-    row = wait_for(
-        lambda: CeleryTaskSignal.objects.filter(task_id=task_id, signal=CANCEL_TASK).first(),
-        15,
-        f"Flower's revoke of {task_id} to write a cancel row",
-    )
-    return wait_until_completed(row)
-
-
 def test_flower_revoke_button_stops_a_running_signal_aware_task(worker, flower):
     result = tasks.sleep_without_checkpoints.delay(60)
     wait_until_running(result)
     assert flower.press(result.id, terminate=False) == 200, "Flower refused the revoke"
     signal = cancel_of(result.id)
     assert signal.outcome == Outcome.INTERRUPTED, f"Revoke's cancel says {signal.outcome}"
-    assert result.state == "REVOKED", f"the stopped task shows {result.state}"
+    assert shows_revoked(result.id), f"the stopped task shows {result.state}"
 
 
 def test_flower_terminate_button_kills_the_task_in_isolation(worker, flower):
@@ -88,4 +78,4 @@ def test_flower_terminate_button_kills_the_task_in_isolation(worker, flower):
     took = (signal.completed_at - signal.created).total_seconds()
     assert signal.outcome == Outcome.KILLED, f"Terminate's cancel says {signal.outcome}"
     assert took < tasks.KILL_AFTER, f"Terminate waited {took:.2f}s, as long as kill_after"
-    assert result.state == "REVOKED", f"the killed task shows {result.state}"
+    assert shows_revoked(result.id), f"the killed task shows {result.state}"
