@@ -108,6 +108,19 @@ def test_revoke_terminate_never_kills_the_next_task_of_the_same_process(make_wor
             assert AsyncResult(victim.id).get(timeout=5) == f"victim {victims.index(victim)}"
 
 
+def test_revoke_heard_by_every_worker_writes_one_cancel_and_kills_once(make_worker):
+    holder = make_worker(concurrency=1)
+    make_worker(concurrency=1)  # does not hold the task, hears the broadcast all the same
+    result = tasks.hold_the_gil.apply_async(queue=holder.queue)
+    wait_until_running(result)
+    current_app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+    signal = cancel_of(result.id)
+    assert signal.outcome == Outcome.KILLED, f"the holder did not kill it: {signal.outcome}"
+    time.sleep(0.5)  # the other worker's write, had it made a second row
+    rows = CeleryTaskSignal.objects.filter(task_id=result.id, signal=CANCEL_TASK).count()
+    assert rows == 1, f"two workers hearing one revoke wrote {rows} cancel rows"
+
+
 def test_revoke_of_a_queued_task_survives_a_worker_restart(make_worker, tmp_path):
     marker = tmp_path / "started"
     first = make_worker(concurrency=1)
@@ -127,17 +140,32 @@ def test_revoke_of_a_queued_task_survives_a_worker_restart(make_worker, tmp_path
     assert shows_revoked(result.id), f"the skipped task shows {result.state}, not REVOKED"
 
 
-def test_celery_control_revoke_command_line_cancels_through_tasksignal(worker):
-    result = tasks.count_with_checkpoints.delay(steps=100_000)
-    wait_until_running(result)
-    command = [sys.executable, "-m", "celery", "-A", "config", "control", "revoke", result.id]
+def celery_control(worker, *arguments: str) -> str:
+    """Run ``celery -A config control <arguments>`` as a person would; return its output."""
+    command = [sys.executable, "-m", "celery", "-A", "config", "control", *arguments]
     done = subprocess.run(
         command, cwd=PROJECT_DIR, env={**worker.env}, capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 0, f"celery control revoke failed: {done.stdout}{done.stderr}"
-    assert "cancelled through tasksignal" in done.stdout, f"the reply says: {done.stdout}"
+    assert done.returncode == 0, f"celery control {arguments} failed: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def test_celery_control_revoke_command_line_cancels_through_tasksignal(worker):
+    result = tasks.count_with_checkpoints.delay(steps=100_000)
+    wait_until_running(result)
+    output = celery_control(worker, "revoke", result.id)
+    assert "cancelled through tasksignal" in output, f"the reply says: {output}"
     signal = cancel_of(result.id)
     assert signal.outcome == Outcome.COOPERATIVE, f"the command's cancel says {signal.outcome}"
+
+
+def test_celery_control_terminate_command_line_kills_in_isolation(worker):
+    result = tasks.hold_the_gil.delay()
+    wait_until_running(result)
+    celery_control(worker, "terminate", "SIGKILL", result.id)
+    signal = cancel_of(result.id)
+    assert signal.outcome == Outcome.KILLED, f"the command's cancel says {signal.outcome}"
+    assert signal.message == TERMINATE_MESSAGE, f"the row does not say terminate: {signal}"
 
 
 def test_revoke_terminate_of_a_plain_task_keeps_celerys_behaviour(worker, tmp_path):
