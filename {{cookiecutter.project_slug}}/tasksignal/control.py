@@ -33,7 +33,7 @@ batch. The reply says which ids went through tasksignal::
 Limits: every worker receives the broadcast, and one that does not hold a plain task cannot
 tell it from a queued signal-aware one, so it writes a cancel that no task completes; the
 sweep expires it after ``TASKSIGNAL_SIGNAL_EXPIRY``. Revokes by stamped headers keep
-Celery's behaviour.
+Celery's behaviour, and :func:`celery_revoke` sends Celery's own revoke (for baselines).
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ WRITE_RETRY = 0.5
 #: Ids revoked while unknown here, kept as Celery keeps its revoked ids (at most this many).
 UNKNOWN_LIMIT = 50_000
 
+#: The argument of the ``revoke`` command that keeps Celery's own handler (:func:`celery_revoke`).
+THROUGH_TASKSIGNAL = "through_tasksignal"
+
 #: Celery's own handlers of the commands this module takes over, once :func:`install` ran.
 celery_handlers: dict[str, Callable[..., Any]] = {}
 #: Ids revoked while this worker did not hold them: a plain task arriving is skipped.
@@ -98,7 +101,7 @@ def revoke(
     plain tasks this worker holds to Celery (see the module docstring)."""
     task_ids = set(maybe_list(task_id) or [])
     node = nodes.current()
-    if node is None:
+    if node is None or not kwargs.pop(THROUGH_TASKSIGNAL, True):
         answer: dict[str, str] = celery_handlers["revoke"](
             state, list(task_ids), terminate, signal, **kwargs
         )
@@ -126,6 +129,17 @@ def revoke(
 def terminate(state: Any, signal: str, task_id: str | list[str], **kwargs: Any) -> dict[str, str]:
     """The ``terminate`` control command: :func:`revoke` with ``terminate=True``."""
     return revoke(state, task_id, terminate=True, signal=signal)
+
+
+def celery_revoke(app: Any, task_id: str, terminate: bool = False, signal: str = "SIGTERM") -> None:
+    """Broadcast Celery's own ``revoke``, which the workers then handle as Celery alone
+    does, signal-aware task or not: what the load test's baseline measures tasksignal
+    against (``app.control.revoke`` goes through tasksignal)::
+
+        celery_revoke(current_app, result.id, terminate=True, signal="SIGKILL")
+    """
+    arguments = {"task_id": task_id, "terminate": terminate, "signal": signal}
+    app.control.broadcast("revoke", arguments={**arguments, THROUGH_TASKSIGNAL: False})
 
 
 class CancelWriter:

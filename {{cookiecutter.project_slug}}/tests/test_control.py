@@ -10,7 +10,7 @@ import pytest
 from celery import current_app
 from celery.result import AsyncResult
 
-from tasksignal.control import REVOKE_MESSAGE, TERMINATE_MESSAGE
+from tasksignal.control import REVOKE_MESSAGE, TERMINATE_MESSAGE, celery_revoke
 from tasksignal.models import CeleryTaskSignal, TaskRun
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.states import Outcome, RunState
@@ -195,3 +195,13 @@ def test_revoke_of_a_plain_task_before_it_arrives_still_skips_it(make_worker, tm
     assert not marker.exists(), "a plain task revoked before it arrived ran"
     signal = wait_until_completed(CeleryTaskSignal.objects.get(task_id=result.id))
     assert signal.outcome == Outcome.SKIPPED, f"its cancel row says {signal.outcome}"
+
+
+def test_celery_revoke_still_terminates_blindly_for_baselines(worker):
+    result = tasks.sleep_without_checkpoints.delay(60)
+    wait_until_running(result)
+    celery_revoke(current_app, result.id, terminate=True, signal="SIGKILL")
+    wait_for(lambda: result.state == "REVOKED", 10, "Celery's own revoke to terminate the task")
+    time.sleep(0.5)  # what a worker going through tasksignal would have written by now
+    rows = list(CeleryTaskSignal.objects.filter(task_id=result.id))
+    assert rows == [], f"Celery's own revoke went through tasksignal: {rows}"
