@@ -52,7 +52,7 @@ REMOVALS: Final = (
     Removal(
         "use_docker", "n", ("Dockerfile", "compose.yaml", ".dockerignore", "bin/compose-check")
     ),
-    Removal("use_flower", "n", ("bin/flower",)),
+    Removal("use_flower", "n", ("bin/flower", "tests/test_flower.py")),
     Removal("use_sentry", "n", ("config/sentry.py", "tests/test_sentry.py")),
     Removal("use_celery_beat", "n", ("bin/beat",)),
     Removal("ci_tool", "none", (".github",)),
@@ -88,7 +88,7 @@ def patterns_to_remove(answers: Mapping[str, str]) -> list[str]:
     """List the paths and glob patterns that the answers turn off.
 
     >>> patterns_to_remove({"use_flower": "n", "use_docker": "y"})
-    ['bin/flower']
+    ['bin/flower', 'tests/test_flower.py']
     >>> patterns_to_remove({"include_demo_tasks": "n"})
     ['demo', 'loadtest', 'bin/loadtest', 'docs/loadtest.md', 'tests/test_demo*.py']
     >>> patterns_to_remove({"use_flower": "y"})

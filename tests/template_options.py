@@ -177,7 +177,7 @@ ALWAYS_PRESENT: Final = (
 #: Paths that exist exactly when an option has a given answer: (option, answer, paths).
 PRESENT_WHEN: Final = (
     ("use_docker", "y", ("Dockerfile", "compose.yaml", ".dockerignore", "bin/compose-check")),
-    ("use_flower", "y", ("bin/flower",)),
+    ("use_flower", "y", ("bin/flower", "tests/test_flower.py")),
     ("use_sentry", "y", ("config/sentry.py", "tests/test_sentry.py")),
     ("use_celery_beat", "y", ("bin/beat",)),
     ("ci_tool", "github", (".github/workflows/ci.yml", ".github/dependabot.yml")),

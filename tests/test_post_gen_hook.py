@@ -42,6 +42,7 @@ def test_removal_table_names_real_options_and_answers(post_gen: ModuleType) -> N
 def test_default_answers_remove_only_flower_and_sentry(post_gen: ModuleType) -> None:
     assert post_gen.patterns_to_remove(DEFAULT_ANSWERS) == [
         "bin/flower",
+        "tests/test_flower.py",
         "config/sentry.py",
         "tests/test_sentry.py",
     ]
@@ -62,6 +63,7 @@ def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None
         ".dockerignore",
         "bin/compose-check",
         "bin/flower",
+        "tests/test_flower.py",
         "config/sentry.py",
         "tests/test_sentry.py",
         "bin/beat",

@@ -24,6 +24,7 @@ from tasksignal.api import (
     json_response,
 )
 from tasksignal.auth import AuthenticationFailed
+from tasksignal.control import celery_revoke
 
 _require_signal_permission = TokenOrSession(SIGNAL_PERMISSION)
 
@@ -42,7 +43,8 @@ def revoke(request, task_id: str):
         with connection.cursor() as cursor:
             cursor.execute("SELECT statement_timestamp()")
             (revoked_at,) = cursor.fetchone()
-        current_app.control.revoke(task_id, terminate=True, signal="SIGKILL")
+        # Celery's own handler: app.control.revoke would go through tasksignal.
+        celery_revoke(current_app, task_id, terminate=True, signal="SIGKILL")
     except (DatabaseError, kombu.exceptions.OperationalError):
         # What the API answers when a server is down; the fault run asks again.
         return error_response(503, "a server is unavailable; try again")

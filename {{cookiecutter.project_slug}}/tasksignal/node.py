@@ -427,6 +427,12 @@ class Node:
         else:
             self._when_answered(("stopped", task_id), waiter, written)
 
+    def escalate_now(self, task_id: str) -> None:
+        """Any thread: take ``task_id``'s cancel straight to the kill, without waiting for
+        ``cancel_grace`` or ``kill_after`` (Celery's ``revoke(terminate=True)``,
+        ``control.py``); the kill still proves the process runs this task first."""
+        self._push("escalate_now", task_id)
+
     def run_failed(self, request: Request, error: str) -> None:
         """A run ended with an exception (or was killed: then it is already recorded)."""
         admission = self._admitted.get(request.id)
@@ -839,6 +845,14 @@ class Node:
         if self._db is not None:
             self._write_completions()
 
+    def _on_escalate_now(self, task_id: str) -> None:
+        tracked = self._tracked.get(task_id)
+        if tracked is None:
+            return  # over, or skipped at admission
+        tracked.kill_after = 0.0  # a cancel delivered later is scheduled for a kill at once
+        if tracked.kill_at is not None:
+            tracked.kill_at = time.monotonic()
+
     def _on_terminate_backend(self, task_id: str, backend_pid: int) -> None:
         if self._db is not None:
             self._execute("SELECT pg_terminate_backend(%s)", [backend_pid])
@@ -1156,6 +1170,9 @@ class NodeStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.node = Node(worker.hostname, _capacity(worker))
+        from tasksignal import control  # it imports this module
+
+        control.install()  # Celery's revoke and terminate commands through the node
         self.tref: Any = None
 
     def include(self, parent: Any) -> bool:

@@ -230,3 +230,11 @@ def exceed_soft_time_limit(self) -> str:
     except SoftTimeLimitExceeded:
         return "soft time limit"
     return "no limit"
+
+
+@shared_task
+def plain_sleep(marker: str, seconds: float = 60.0) -> str:
+    """A task that is not signal-aware: write ``marker``, then sleep (Celery's revoke applies)."""
+    _append(marker, "started")
+    time.sleep(seconds)
+    return "done"

@@ -9,6 +9,7 @@ MODULES = [
     "tasksignal.auth",
     "tasksignal.board",
     "tasksignal.broker",
+    "tasksignal.control",
     "tasksignal.exceptions",
     "tasksignal.kill",
     "tasksignal.node",
