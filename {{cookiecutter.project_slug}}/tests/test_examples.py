@@ -13,6 +13,7 @@ MODULES = [
     "tasksignal.kill",
     "tasksignal.node",
     "tasksignal.notify",
+    "tasksignal.processes",
     "tasksignal.runtime",
     "tasksignal.states",
     "tasksignal.waiting",
