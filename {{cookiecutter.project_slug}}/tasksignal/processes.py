@@ -101,7 +101,7 @@ class ProcessGroup:
         """Start the process and wait until :meth:`ready`; return ``self``."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = process = subprocess.Popen(
+        self.process = subprocess.Popen(
             self.command,
             cwd=self.cwd,
             env=self.env,
@@ -111,22 +111,34 @@ class ProcessGroup:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + self.ready_timeout
+        try:
+            self.wait_until(lambda process: process.ready(), self.ready_timeout, "ready")
+        except RuntimeError:
+            self.kill()  # never left running behind a failed start
+            raise
+        return self
+
+    def wait_until(self, check: ReadyCheck, timeout: float, what: str = "ready") -> None:
+        """Ask ``check`` every 0.1 s until it holds; ``RuntimeError`` with the end of the log
+        when the process exits first or ``timeout`` seconds pass (``what`` names the wait).
+        A check that raises counts as not yet: what it talks to may be restarting."""
+        process = self._started
+        deadline = time.monotonic() + timeout
         last_error = ""
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"{self.name} exited with {process.returncode}: {self.log_tail()}"
+                    f"{self.name} exited with {process.returncode} before it was {what}: "
+                    f"{self.log_tail()}"
                 )
             try:
-                if self.ready():
-                    return self
-            except Exception as error:  # what the check talks to is restarting: not yet
+                if check(self):
+                    return
+            except Exception as error:  # restarting, see the docstring: not yet
                 last_error = f" (last check: {error})"
             time.sleep(0.1)
-        self.kill()  # never left running behind a failed start
         raise RuntimeError(
-            f"{self.name} was not ready within {self.ready_timeout}s{last_error}: {self.log_tail()}"
+            f"{self.name} was not {what} within {timeout}s{last_error}: {self.log_tail()}"
         )
 
     @property
