@@ -47,6 +47,7 @@ import time
 import psutil
 
 from benchmarks import common
+from tasksignal.states import Outcome
 
 NAME = "cancel_latency"
 DEFAULTS = {"cooperative": 30, "interrupted": 20, "killed": 10, "revoke": 8, "revoke_gil_term": 2}
@@ -134,7 +135,7 @@ def ladder_trial(client, worker, task, step: str, timeout: float) -> dict:
         # A killed process takes a moment to be torn down; one that lives on is not waited for.
         "process_killed": common.poll(
             lambda: _process_gone(pid),
-            timeout=2.0 if done and done["outcome"] == "killed" else 0.0,
+            timeout=2.0 if done and done["outcome"] == Outcome.KILLED else 0.0,
         )
         is not None,
         "other_children_alive": _others_alive(others),
@@ -151,7 +152,7 @@ def ladder_trial(client, worker, task, step: str, timeout: float) -> dict:
     trial["right_process"] = (
         trial["outcome"] == step
         and trial["other_children_alive"]
-        and trial["process_killed"] == (step == "killed")
+        and trial["process_killed"] == (step == Outcome.KILLED)
     )
     result.forget()
     return trial
@@ -218,9 +219,9 @@ def run(
     environment = common.environment()
     client = common.redis_client()
     ladder = {
-        "cooperative": (tasks.cooperative_loop, cooperative, 5.0),
-        "interrupted": (tasks.sleeping, interrupted, 5.0),
-        "killed": (tasks.holding_gil, killed, tasks.KILL_AFTER + 10.0),
+        Outcome.COOPERATIVE: (tasks.cooperative_loop, cooperative, 5.0),
+        Outcome.INTERRUPTED: (tasks.sleeping, interrupted, 5.0),
+        Outcome.KILLED: (tasks.holding_gil, killed, tasks.KILL_AFTER + 10.0),
     }
     baselines = {
         "sleep_SIGTERM": (tasks.plain_sleeping, "SIGTERM", revoke),
@@ -295,21 +296,21 @@ def run(
     targets = [
         common.target(
             "cooperative p99",
-            ladder_results["cooperative"]["latency_ms"]["p99"],
+            ladder_results[Outcome.COOPERATIVE]["latency_ms"]["p99"],
             "<=",
             COOPERATIVE_P99_MS,
             "ms",
         ),
         common.target(
             "interrupted p99",
-            ladder_results["interrupted"]["latency_ms"]["p99"],
+            ladder_results[Outcome.INTERRUPTED]["latency_ms"]["p99"],
             "<=",
             tasks.CANCEL_GRACE * 1000 + INTERRUPT_MARGIN_MS,
             "ms",
         ),
         common.target(
             "killed p99",
-            ladder_results["killed"]["latency_ms"]["p99"],
+            ladder_results[Outcome.KILLED]["latency_ms"]["p99"],
             "<=",
             tasks.KILL_AFTER * 1000 + KILL_MARGIN_MS,
             "ms",

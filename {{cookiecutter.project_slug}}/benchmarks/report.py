@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from tasksignal.states import Outcome
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -112,9 +114,9 @@ def cancel_latency_table(result: dict) -> list[str]:
         "|---|---|---:|---:|---|---|",
     ]
     shapes = {
-        "cooperative": f"checkpoint every {p['checkpoint_every_s'] * 1000:g} ms",
-        "interrupted": f"`time.sleep`, cancel_grace {p['cancel_grace_s']:g} s",
-        "killed": f"`sum(range(...))` holding the GIL, kill_after {p['kill_after_s']:g} s",
+        Outcome.COOPERATIVE: f"checkpoint every {p['checkpoint_every_s'] * 1000:g} ms",
+        Outcome.INTERRUPTED: f"`time.sleep`, cancel_grace {p['cancel_grace_s']:g} s",
+        Outcome.KILLED: f"`sum(range(...))` holding the GIL, kill_after {p['kill_after_s']:g} s",
     }
     for step, figures in r["ladder"].items():
         latency = figures["latency_ms"]
