@@ -47,6 +47,7 @@ import time
 import psutil
 
 from benchmarks import common
+from benchmarks.common import fmt, target_cell
 from tasksignal.states import Outcome
 
 NAME = "cancel_latency"
@@ -400,6 +401,40 @@ def report(payload: dict, path) -> None:
     common.print_table("cancel latency: cancel to stop", headers, rows)
     common.print_targets(payload)
     print(f"  -> {path}")
+
+
+def markdown(result: dict) -> list[str]:
+    """The README's Markdown rows for the cancel-latency benchmark."""
+    r = result["results"]
+    p = result["parameters"]
+    rows = [
+        "| how the task is stopped | shape | p50 ms | p99 ms | stopped, right process | target |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    shapes = {
+        Outcome.COOPERATIVE: f"checkpoint every {p['checkpoint_every_s'] * 1000:g} ms",
+        Outcome.INTERRUPTED: f"`time.sleep`, cancel_grace {p['cancel_grace_s']:g} s",
+        Outcome.KILLED: f"`sum(range(...))` holding the GIL, kill_after {p['kill_after_s']:g} s",
+    }
+    for step, figures in r["ladder"].items():
+        latency = figures["latency_ms"]
+        verdict = target_cell(result, f"{step} p99")
+        rows.append(
+            f"| cancel → {step} | {shapes[step]} | {fmt(latency['p50'])} | {fmt(latency['p99'])}"
+            f" | {figures['right_process']}/{figures['trials']} | {verdict} |"
+        )
+    revoke_shapes = {"sleep": "`time.sleep`", "gil": "`sum(range(...))` holding the GIL"}
+    for case, figures in r["revoke_terminate"].items():
+        shape, signal = case.split("_", 1)
+        stopped = figures["to_stopped_ms"]
+        rows.append(
+            f"| `revoke(terminate=True, signal={signal})` (baseline) | {revoke_shapes[shape]}"
+            f" | {fmt(stopped['p50'])} | {fmt(stopped['p99'])}"
+            f" | {figures['stopped']}/{figures['trials']} stopped,"
+            f" {figures['right_process']}/{figures['trials']} right process"
+            f" (REVOKED shown after {fmt(figures['to_revoked_ms']['p50'])} ms p50) | |"
+        )
+    return rows
 
 
 def main(argv=None) -> dict:
