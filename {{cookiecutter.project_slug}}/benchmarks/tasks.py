@@ -15,6 +15,7 @@ from celery import shared_task
 from celery.contrib.abortable import AbortableTask
 
 from benchmarks.common import mark
+from tasksignal import shapes
 from tasksignal.base import SignalAwareTask
 from tasksignal.runtime import this_thread
 
@@ -106,11 +107,7 @@ STEPS, STEP_SECONDS = 15, 0.02
 @shared_task(base=SignalAwareTask, bind=True)
 def steps_signal_aware(self, steps: int = STEPS, step_seconds: float = STEP_SECONDS) -> int:
     """Work in steps with a checkpoint and a progress report each: a typical signal-aware task."""
-    for step in range(steps):
-        self.checkpoint()
-        time.sleep(step_seconds)
-        self.set_progress(step + 1, steps)
-    return steps
+    return shapes.cooperate(self, steps, step_seconds)
 
 
 @shared_task
@@ -127,10 +124,7 @@ def cooperative_loop(self, seconds: float = 60.0) -> None:
     """Check for signals every ``COOPERATIVE_STEP`` seconds: a cancel stops it cooperatively."""
     self.add_cleanup(_stamp_cleanup, self.request.id)
     mark(self.request.id, "started")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        self.checkpoint()
-        time.sleep(COOPERATIVE_STEP)
+    shapes.cooperate(self, steps=round(seconds / COOPERATIVE_STEP), step_seconds=COOPERATIVE_STEP)
 
 
 @shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
@@ -138,14 +132,14 @@ def sleeping(self, seconds: float = 60.0) -> None:
     """Sleep without a checkpoint: a cancel interrupts it after ``cancel_grace``."""
     self.add_cleanup(_stamp_cleanup, self.request.id)
     mark(self.request.id, "started")
-    time.sleep(seconds)
+    shapes.sleep(seconds)
 
 
 @shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
 def holding_gil(self, n: int = GIL_N) -> int:
     """Run C code that holds the GIL: a cancel ends in a kill after ``kill_after``."""
     mark(self.request.id, "started")
-    return sum(range(n))
+    return shapes.hold_the_gil(n)
 
 
 @shared_task(bind=True)
@@ -153,7 +147,7 @@ def plain_sleeping(self, seconds: float = 60.0) -> None:
     """The ``sleeping`` shape as a plain task; marks ``stopped`` if its body is unwound."""
     mark(self.request.id, "started")
     try:
-        time.sleep(seconds)
+        shapes.sleep(seconds)
     finally:
         mark(self.request.id, "stopped")
 
@@ -163,6 +157,6 @@ def plain_holding_gil(self, n: int = GIL_N) -> int:
     """The ``holding_gil`` shape as a plain task; marks ``stopped`` if its body is unwound."""
     mark(self.request.id, "started")
     try:
-        return sum(range(n))
+        return shapes.hold_the_gil(n)
     finally:
         mark(self.request.id, "stopped")

@@ -15,6 +15,7 @@ MODULES = [
     "tasksignal.notify",
     "tasksignal.processes",
     "tasksignal.runtime",
+    "tasksignal.shapes",
     "tasksignal.states",
     "tasksignal.waiting",
 ]
