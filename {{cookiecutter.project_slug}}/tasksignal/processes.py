@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Any, Self
 
 import psutil
 
@@ -75,9 +75,10 @@ class ProcessGroup:
         self._log: IO[bytes] | None = None
 
     @classmethod
-    def from_procfile(cls, process_type: str, procfile: Path, **kwargs: object) -> Self:
+    def from_procfile(cls, process_type: str, procfile: Path, **kwargs: Any) -> Self:
         """The Procfile's ``process_type``, run by bash in the Procfile's folder, as a platform
-        runs it (bash runs a lone command with ``exec``: the command is the main process).
+        runs it (bash runs a lone command with ``exec``: the command is the main process);
+        ``kwargs`` are the constructor's.
 
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
@@ -91,7 +92,7 @@ class ProcessGroup:
         command = procfile_commands(procfile)[process_type]
         kwargs.setdefault("name", process_type)
         kwargs.setdefault("cwd", procfile.parent)
-        return cls(["bash", "-c", command], **kwargs)  # type: ignore[arg-type]
+        return cls(["bash", "-c", command], **kwargs)
 
     def ready(self) -> bool:
         """Whether the process serves yet (asked repeatedly while it starts)."""
