@@ -9,24 +9,19 @@ in their own process group and only that group is ever signalled.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TextIO
+from types import ModuleType
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -285,30 +280,6 @@ def project_env(bin_dir: Path, **values: str) -> dict[str, str]:
     return environment
 
 
-def dotenv_values(path: Path) -> dict[str, str]:
-    r"""Read ``KEY=value`` lines of a dotenv file (comments and blank lines skipped).
-
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     env_file = Path(folder) / ".env"
-    ...     _ = env_file.write_text("# c\nA=1\nexport B='two'\n\nC=\n", encoding="utf-8")
-    ...     dotenv_values(env_file)
-    {'A': '1', 'B': 'two', 'C': ''}
-    """
-    values = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        key, equals, value = stripped.removeprefix("export ").partition("=")
-        if equals:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            values[key.strip()] = value
-    return values
-
-
 def isolation_values(*, database: str, namespace: str) -> dict[str, str]:
     """Return the settings that keep one run apart from every other user of the servers.
 
@@ -344,168 +315,32 @@ def production_values(*, database: str, namespace: str, port: int | None = None)
 
 # --- processes --------------------------------------------------------------------------------
 
-PROCFILE_LINE: Final = re.compile(r"^(?P<name>[A-Za-z0-9_-]+):\s*(?P<command>\S.*)$")
 
+def project_processes(project: Path) -> ModuleType:
+    """Load ``tasksignal/processes.py`` of the baked ``project``: how it runs its processes.
 
-def parse_procfile(text: str) -> dict[str, str]:
-    r"""Return the process types of a Procfile and their commands.
+    The template keeps no process runner of its own: ``make demo`` and the end-to-end tests
+    start a bake's Procfile processes with the bake's own code (process groups, readiness,
+    teardown, honcho's Procfile parser), so they exercise what its users get. The module
+    imports no Django and nothing else of the project, so it loads here from its file,
+    under a name of its own per bake (bakes of one session may differ).
 
-    >>> parse_procfile("# comment\nweb: bin/web\n\nworker: bin/worker --x\n")
-    {'web': 'bin/web', 'worker': 'bin/worker --x'}
+    >>> template_project = REPO_ROOT / "{{cookiecutter.project_slug}}"
+    >>> processes = project_processes(template_project)
+    >>> processes.procfile_commands(template_project / "Procfile")["worker"]
+    'bin/worker'
     """
-    processes = {}
-    for line in text.splitlines():
-        match = PROCFILE_LINE.match(line.strip())
-        if match and not line.lstrip().startswith("#"):
-            processes[match["name"]] = match["command"].strip()
-    return processes
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Service:
-    """A process started from a Procfile command, alone in its own process group."""
-
-    name: str
-    command: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    _log: TextIO | None = field(default=None, repr=False)
-
-    @property
-    def pid(self) -> int:
-        """The main process: the command itself, since bash runs a lone command with exec."""
-        return self.process.pid
-
-    def log(self) -> str:
-        """Everything the process wrote so far (stdout and stderr together)."""
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the log, for failure messages."""
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def group_members(self) -> list[int]:
-        """The pids still alive in the service's process group (including zombies' parents)."""
-        import psutil  # noqa: PLC0415 - only process tests and the demo need it
-
-        members = []
-        for process in psutil.process_iter(["pid", "status"]):
-            with suppress(psutil.Error, ProcessLookupError):
-                if (
-                    os.getpgid(process.info["pid"]) == self.pid
-                    and process.info["status"] != psutil.STATUS_ZOMBIE
-                ):
-                    members.append(process.info["pid"])
-        return members
-
-    def terminate(self, timeout: float = 30.0) -> int | None:
-        """Send SIGTERM to the main process only; return its exit code, ``None`` if it hangs."""
-        if self.process.poll() is None:
-            with suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def wait_for_group_exit(self, timeout: float = 10.0) -> list[int]:
-        """Wait until the process group is empty; return the pids still in it after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        members = self.group_members()
-        while members and time.monotonic() < deadline:
-            time.sleep(0.2)
-            members = self.group_members()
-        return members
-
-    def kill_group(self) -> None:
-        """SIGKILL whatever is left of the process group; for cleanup only."""
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def start_service(
-    name: str,
-    command: str,
-    *,
-    cwd: Path,
-    env: Mapping[str, str],
-    log_dir: Path,
-) -> Service:
-    """Start a Procfile ``command`` with bash, as a platform would, in a new process group."""
-    log_path = log_dir / f"{name}.log"
-    log = log_path.open("w", encoding="utf-8")
-    process = subprocess.Popen(
-        ["bash", "-c", command],
-        cwd=cwd,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return Service(name=name, command=command, process=process, log_path=log_path, _log=log)
-
-
-class ServiceNotReadyError(RuntimeError):
-    """A started service did not become ready in time."""
-
-
-def wait_for_http(url: str, service: Service, timeout: float = 60.0) -> tuple[int, str]:
-    """Poll ``url`` until it answers 200; return the status and body.
-
-    Raises ``ServiceNotReadyError`` with the service's log when the process dies or the
-    deadline passes first.
-    """
-    deadline = time.monotonic() + timeout
-    last_error = "no answer yet"
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            message = f"{service.name} exited with {service.process.returncode} before {url}"
-            raise ServiceNotReadyError(f"{message} answered:\n{service.log_tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
-                return response.status, response.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as error:
-            last_error = f"HTTP {error.code}: {error.read()[:500]!r}"
-        except (urllib.error.URLError, OSError) as error:
-            last_error = str(error)
-        time.sleep(0.3)
-    message = f"{url} gave no 200 within {timeout:.0f} s (last: {last_error})"
-    raise ServiceNotReadyError(f"{message}; {service.name} log:\n{service.log_tail()}")
-
-
-def wait_for_log(service: Service, pattern: str, timeout: float = 90.0) -> str:
-    """Wait until the service's log matches the regular expression ``pattern``; return the match."""
-    compiled = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = compiled.search(service.log())
-        if match:
-            return match.group(0)
-        if service.process.poll() is not None:
-            message = f"{service.name} exited with {service.process.returncode}"
-            raise ServiceNotReadyError(
-                f"{message} before logging {pattern!r}:\n{service.log_tail()}"
-            )
-        time.sleep(0.3)
-    message = f"{service.name} did not log {pattern!r} within {timeout:.0f} s"
-    raise ServiceNotReadyError(f"{message}:\n{service.log_tail()}")
-
-
-#: Celery writes "celery@<host> ready." once the worker consumes.
-WORKER_READY: Final = r"celery@\S+ ready\."
+    path = project / "tasksignal" / "processes.py"
+    name = f"baked_processes_{uuid.uuid5(uuid.NAMESPACE_URL, str(path.resolve())).hex}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no tasksignal/processes.py in {project}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(

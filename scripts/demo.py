@@ -5,7 +5,8 @@ Steps, each printed as it happens:
 1. bake the template with its defaults into ``.demo/`` (replacing an earlier demo);
 2. install the project into ``.demo/<slug>/.venv`` with uv;
 3. create a database of its own and migrate it (``bin/migrate``);
-4. start ``web`` (gunicorn, ``bin/web``) and ``worker`` (``bin/worker``) from the Procfile;
+4. start ``web`` (gunicorn, ``bin/web``) and ``worker`` (``bin/worker``) from the Procfile,
+   with the bake's own process runner (``tasksignal/processes.py``);
 5. GET ``/healthz``, then ``manage.py show_ladder``: a cooperative job, one writing rows in a
    transaction, one asleep in ``time.sleep``, one blocked on a socket and one stuck in C
    holding the GIL, each cancelled next to a sibling nobody cancels, shown as a table (the
@@ -28,25 +29,18 @@ from typing import Final
 
 from baked import (
     REPO_ROOT,
-    WORKER_READY,
-    Service,
-    ServiceNotReadyError,
     bake,
     create_database,
     create_venv,
     drop_database,
     find_python,
     forget_namespace,
-    free_port,
-    parse_procfile,
     production_values,
     project_env,
+    project_processes,
     redact,
     run,
-    start_service,
     unique_name,
-    wait_for_http,
-    wait_for_log,
 )
 
 DEMO_DIR: Final = REPO_ROOT / ".demo"
@@ -68,14 +62,12 @@ def _install(project: Path) -> Path:
     return create_venv(project, python, extras="")
 
 
-def _start(name: str, command: str, project: Path, env: dict[str, str]) -> Service:
-    step(f"starting {name}: {command}")
-    return start_service(name, command, cwd=project, env=env, log_dir=project.parent)
-
-
-def _stop(services: list[Service]) -> list[str]:
+def _stop(services: list) -> list[str]:
+    """SIGTERM each main process, as a platform does; say how it exited and what it left."""
     problems = []
     for service in reversed(services):
+        if service.process is None:  # its start failed before it ran
+            continue
         started = time.monotonic()
         code = service.terminate(timeout=30)
         leftovers = service.wait_for_group_exit()
@@ -85,7 +77,7 @@ def _stop(services: list[Service]) -> list[str]:
             problems.append(f"{service.name} exited with {code}")
         if leftovers:
             problems.append(f"{service.name} left processes {leftovers}")
-        service.kill_group()
+        service.stop()
     return problems
 
 
@@ -100,9 +92,10 @@ def run_demo() -> None:
     namespace = unique_name("tsdemo")
     database = create_database(namespace)
     step(f"created database {redact(database)}")
-    services: list[Service] = []
+    processes = project_processes(project)
+    services: list = []
     try:
-        port = free_port()
+        port = processes.free_port()
         values = production_values(database=database, namespace=namespace, port=port)
         # Five jobs, a sibling and the revoke contrast run at once.
         env = project_env(bin_dir, **(values | {"CELERY_WORKER_CONCURRENCY": "8"}))
@@ -112,18 +105,27 @@ def run_demo() -> None:
         if migrated.returncode != 0:
             raise DemoError(f"bin/migrate failed:\n{migrated.stdout}")
 
-        processes = parse_procfile((project / "Procfile").read_text(encoding="utf-8"))
-        web = _start("web", processes["web"], project, env)
-        services.append(web)
-        worker = _start("worker", processes["worker"], project, env)
-        services.append(worker)
-        try:
-            status, body = wait_for_http(f"http://127.0.0.1:{port}/healthz", web)
-            step(f"GET http://127.0.0.1:{port}/healthz -> {status} {body.strip()}")
-            wait_for_log(worker, WORKER_READY)
-            step(f"worker ready, consuming queue {namespace}")
-        except ServiceNotReadyError as error:
-            raise DemoError(str(error)) from error
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        for name, ready in (
+            ("web", processes.answers(healthz)),
+            ("worker", processes.logs(processes.WORKER_READY)),
+        ):
+            service = processes.ProcessGroup.from_procfile(
+                name,
+                project / "Procfile",
+                env=env,
+                log_path=project.parent / f"{name}.log",
+                ready=ready,
+                ready_timeout=90,
+                stop_timeout=30,
+            )
+            step(f"starting {name}: {' '.join(service.command[2:])}")
+            services.append(service)
+            try:
+                service.start()
+            except RuntimeError as error:
+                raise DemoError(str(error)) from error
+        step(f"GET {healthz} -> 200; worker ready, consuming queue {namespace}")
 
         step("python manage.py show_ladder: each shape of job cancelled next to a sibling")
         shown = run(

@@ -15,8 +15,9 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import environ
 import pytest
-from baked import parse_procfile
+from baked import project_processes
 from conftest import Bake, tool
 from template_options import (
     ALWAYS_PRESENT,
@@ -218,12 +219,13 @@ def test_env_file_is_git_ignored(baked: Bake) -> None:
 
 
 def _dotenv(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        key, equals, value = line.removeprefix("export ").partition("=")
-        if equals and not key.lstrip().startswith("#"):
-            values[key.strip()] = value.strip().strip("'\"")
-    return values
+    """Read a dotenv file with django-environ, as the bake's settings do, into a dict."""
+
+    class Values(environ.Env):
+        ENVIRON: dict[str, str] = {}  # noqa: RUF012 - a class of its own per call
+
+    Values.read_env(path, overwrite=True)
+    return Values.ENVIRON
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def test_bin_scripts_are_executable(baked: Bake) -> None:
 
 
 def test_procfile_process_types_follow_the_options(baked: Bake) -> None:
-    processes = parse_procfile((baked.project / "Procfile").read_text(encoding="utf-8"))
+    processes = project_processes(baked.project).procfile_commands(baked.project / "Procfile")
     missing = [name for name in ALWAYS_PROCESSES if name not in processes]
     assert not missing, f"Procfile lacks {missing}; it has {sorted(processes)}"
     for name, option in PROCESS_WHEN:
@@ -249,7 +251,7 @@ def test_procfile_process_types_follow_the_options(baked: Bake) -> None:
 
 
 def test_procfile_commands_run_shipped_executables(baked: Bake) -> None:
-    processes = parse_procfile((baked.project / "Procfile").read_text(encoding="utf-8"))
+    processes = project_processes(baked.project).procfile_commands(baked.project / "Procfile")
     broken = []
     for name, command in processes.items():
         program = command.split()[0]

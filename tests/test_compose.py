@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 import yaml
-from baked import PROJECT_VARIABLES, free_port, run
+from baked import PROJECT_VARIABLES, project_processes, run
 from conftest import Bake
 from docker_engine import Engine, EngineError, EngineUnavailableError, base_images
 
@@ -175,7 +175,7 @@ def stack(
         pytest.skip(f"the base images cannot be had here: {error}")
     except EngineError as error:
         pytest.fail(f"the base images could not be made: {error}")
-    port = free_port()
+    port = project_processes(project).free_port()
     project_name = f"tscompose{uuid.uuid4().hex[:8]}"
     started = Stack(engine, project, _compose_env(engine, project_name, port), port)
     try:

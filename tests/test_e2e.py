@@ -39,26 +39,21 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 from baked import (
-    WORKER_READY,
-    Service,
-    ServiceNotReadyError,
     create_venv,
     find_python,
     forget_namespace,
-    free_port,
     isolation_values,
-    parse_procfile,
     production_values,
     project_env,
+    project_processes,
     run,
     scratch_database,
-    start_service,
     unique_name,
-    wait_for_http,
-    wait_for_log,
 )
 from conftest import Bake
 from template_options import DEFAULT_ANSWERS
@@ -126,9 +121,14 @@ class Installed:
         finally:
             hidden.rename(dotenv)
 
+    @property
+    def processes(self) -> ModuleType:
+        """The project's own process runner (``tasksignal/processes.py``)."""
+        return project_processes(self.path)
+
     def procfile(self) -> dict[str, str]:
         """The Procfile's process types and commands."""
-        return parse_procfile((self.path / "Procfile").read_text(encoding="utf-8"))
+        return self.processes.procfile_commands(self.path / "Procfile")
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
@@ -305,31 +305,33 @@ class Stack:
     log_dir: Path
     web_port: int
     flower_port: int
-    services: dict[str, Service] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, name: str) -> Service:
+    def start(self, name: str) -> Any:
         """Start the Procfile process ``name`` and wait until it is ready."""
-        command = self.installed.procfile()[name]
-        service = start_service(
-            name, command, cwd=self.installed.path, env=self.env, log_dir=self.log_dir
+        processes = self.installed.processes
+        ready = {
+            "web": processes.answers(f"http://127.0.0.1:{self.web_port}/healthz"),
+            "worker": processes.logs(processes.WORKER_READY),
+            # Past start-up only once it sends the sweep it schedules (every second here).
+            "beat": processes.logs(r"Sending due task"),
+            "flower": processes.answers(f"http://127.0.0.1:{self.flower_port}/healthcheck"),
+        }[name]
+        service = processes.ProcessGroup.from_procfile(
+            name,
+            self.installed.path / "Procfile",
+            env=self.env,
+            log_path=self.log_dir / f"{name}.log",
+            ready=ready,
+            ready_timeout=90,
+            stop_timeout=STOP_TIMEOUT,
         )
         self.services[name] = service
         try:
-            self._wait_until_ready(service)
-        except ServiceNotReadyError as error:
+            service.start()
+        except RuntimeError as error:
             pytest.fail(str(error))
         return service
-
-    def _wait_until_ready(self, service: Service) -> None:
-        if service.name == "web":
-            wait_for_http(f"http://127.0.0.1:{self.web_port}/healthz", service)
-        elif service.name == "worker":
-            wait_for_log(service, WORKER_READY)
-        elif service.name == "beat":
-            # Past start-up only once it sends the sweep it schedules (every second here).
-            wait_for_log(service, r"Sending due task")
-        elif service.name == "flower":
-            wait_for_http(f"http://127.0.0.1:{self.flower_port}/healthcheck", service)
 
     def stop(self, name: str) -> tuple[int | None, list[int]]:
         """SIGTERM the main process of ``name``; return its exit code and any pids left."""
@@ -340,13 +342,13 @@ class Stack:
     def kill_all(self) -> None:
         """Kill every process group this stack started."""
         for service in self.services.values():
-            service.kill_group()
+            service.stop()
 
 
 @pytest.fixture
 def stack(installed: Installed, database: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
     """Production settings on a migrated database of this test's own, ready to start processes."""
-    web_port, flower_port = free_port(), free_port()
+    web_port, flower_port = installed.processes.free_port(), installed.processes.free_port()
     env = project_env(
         installed.bin_dir,
         **production_values(database=database, namespace=namespace, port=web_port),
@@ -366,9 +368,7 @@ def stack(installed: Installed, database: str, namespace: str, tmp_path: Path) -
 
 
 def test_web_answers_healthz_with_200_through_gunicorn(stack: Stack) -> None:
-    web = stack.start("web")
-    status, body = wait_for_http(f"http://127.0.0.1:{stack.web_port}/healthz", web, timeout=10)
-    assert status == 200, f"/healthz answered {status}: {body}"
+    web = stack.start("web")  # ready: /healthz answered 200
     assert "gunicorn" in web.log().lower(), "the web process is not gunicorn"
 
 
@@ -463,46 +463,44 @@ def test_ctrl_c_on_make_dev_lets_a_running_task_finish(
 ) -> None:
     if installed.answers["include_demo_tasks"] != "y":
         pytest.skip("this variant has no demo tasks")
-    port = free_port()
+    processes = installed.processes
+    port = processes.free_port()
     values = isolation_values(database=database, namespace=namespace) | {
         "PORT": str(port),
         "CELERY_BEAT_SCHEDULE_FILE": str(tmp_path / "celerybeat-schedule"),
     }
-    env = project_env(installed.bin_dir, **values)
-    log_path = tmp_path / "make-dev.log"
-    with _dotenv_overrides(installed.path, values), log_path.open("w") as log:
-        make = subprocess.Popen(
-            ["make", "dev"],
+    healthz, worker_ready = (
+        processes.answers(f"http://127.0.0.1:{port}/healthz"),
+        processes.logs(processes.WORKER_READY),
+    )
+    make_dev = processes.ProcessGroup(
+        ["make", "dev"],  # its own group: the test's Ctrl-C reaches only make dev
+        cwd=installed.path,
+        env=project_env(installed.bin_dir, **values),
+        log_path=tmp_path / "make-dev.log",
+        ready=lambda process: worker_ready(process) and healthz(process),
+        ready_timeout=120,
+    )
+    env = make_dev.env
+    with _dotenv_overrides(installed.path, values), make_dev:
+        sent = run(
+            [
+                installed.python, "manage.py", "shell", "-c",
+                "from demo.tasks import cooperative_job;"
+                f" print('id:', cooperative_job.delay(steps={DEV_TASK_SECONDS * 10},"
+                " step_seconds=0.1).id)",
+            ],
             cwd=installed.path,
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group: the test's Ctrl-C reaches only make dev
-        )
-        service = Service("make dev", "make dev", make, log_path)
-        try:
-            wait_for_log(service, WORKER_READY, timeout=120)
-            wait_for_http(f"http://127.0.0.1:{port}/healthz", service, timeout=60)
-            sent = run(
-                [
-                    installed.python, "manage.py", "shell", "-c",
-                    "from demo.tasks import cooperative_job;"
-                    f" print('id:', cooperative_job.delay(steps={DEV_TASK_SECONDS * 10},"
-                    " step_seconds=0.1).id)",
-                ],
-                cwd=installed.path,
-                env=env,
-                timeout=90,
-            )  # fmt: skip
-            assert sent.returncode == 0, f"sending the task failed:\n{_output(sent)}"
-            task_id = sent.stdout.split("id:")[-1].split()[0]
-            wait_for_log(service, rf"cooperative_job\[{task_id}\] received", timeout=30)
-            time.sleep(1)
-            os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-            make.wait(timeout=DEV_TASK_SECONDS + 60)
-        finally:
-            service.kill_group()
+            timeout=90,
+        )  # fmt: skip
+        assert sent.returncode == 0, f"sending the task failed:\n{_output(sent)}"
+        task_id = sent.stdout.split("id:")[-1].split()[0]
+        received = processes.logs(rf"cooperative_job\[{task_id}\] received")
+        make_dev.wait_until(received, timeout=30, what="running the task")
+        time.sleep(1)
+        os.killpg(make_dev.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        make_dev.process.wait(timeout=DEV_TASK_SECONDS + 60)
     outcome = run(
         [
             installed.python, "manage.py", "shell", "-c",
@@ -513,7 +511,7 @@ def test_ctrl_c_on_make_dev_lets_a_running_task_finish(
         env=env,
         timeout=90,
     )  # fmt: skip
-    log_text = log_path.read_text(encoding="utf-8", errors="replace")
+    log_text = make_dev.log()
     tail = "\n".join(log_text.splitlines()[-40:])
     assert "WorkerLostError" not in log_text, f"Ctrl-C killed the running task:\n{tail}"
     assert "state: SUCCESS" in outcome.stdout, (

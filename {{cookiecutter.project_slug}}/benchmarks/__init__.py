@@ -9,7 +9,13 @@ benchmark          measures                                        baseline (sam
                    a prefork worker (concurrency 2)                worker, alternating rounds
 ``cancel_latency`` cancel to stop for each step of the ladder      ``revoke(terminate=True)``
                    (database clock)                                with SIGTERM and SIGKILL
+``node_cost``      CPU and PostgreSQL sessions of a worker node    a plain Celery task of the
+                   at several concurrencies                        same shape
 =================  ==============================================  ==============================
+
+Each is the module of its name; ``python -m benchmarks`` finds every module here that
+defines ``NAME`` and ``run`` (``benchmarks.common.discover``): adding a benchmark is adding
+its file (``docs/benchmarks.md``, "Adding one").
 
 Run them from the project folder, with PostgreSQL and Redis up and the database migrated::
 

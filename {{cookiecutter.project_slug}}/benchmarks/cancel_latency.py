@@ -47,6 +47,8 @@ import time
 import psutil
 
 from benchmarks import common
+from benchmarks.common import fmt, target_cell
+from tasksignal.states import Outcome
 
 NAME = "cancel_latency"
 DEFAULTS = {"cooperative": 30, "interrupted": 20, "killed": 10, "revoke": 8, "revoke_gil_term": 2}
@@ -134,7 +136,7 @@ def ladder_trial(client, worker, task, step: str, timeout: float) -> dict:
         # A killed process takes a moment to be torn down; one that lives on is not waited for.
         "process_killed": common.poll(
             lambda: _process_gone(pid),
-            timeout=2.0 if done and done["outcome"] == "killed" else 0.0,
+            timeout=2.0 if done and done["outcome"] == Outcome.KILLED else 0.0,
         )
         is not None,
         "other_children_alive": _others_alive(others),
@@ -151,7 +153,7 @@ def ladder_trial(client, worker, task, step: str, timeout: float) -> dict:
     trial["right_process"] = (
         trial["outcome"] == step
         and trial["other_children_alive"]
-        and trial["process_killed"] == (step == "killed")
+        and trial["process_killed"] == (step == Outcome.KILLED)
     )
     result.forget()
     return trial
@@ -218,9 +220,9 @@ def run(
     environment = common.environment()
     client = common.redis_client()
     ladder = {
-        "cooperative": (tasks.cooperative_loop, cooperative, 5.0),
-        "interrupted": (tasks.sleeping, interrupted, 5.0),
-        "killed": (tasks.holding_gil, killed, tasks.KILL_AFTER + 10.0),
+        Outcome.COOPERATIVE: (tasks.cooperative_loop, cooperative, 5.0),
+        Outcome.INTERRUPTED: (tasks.sleeping, interrupted, 5.0),
+        Outcome.KILLED: (tasks.holding_gil, killed, tasks.KILL_AFTER + 10.0),
     }
     baselines = {
         "sleep_SIGTERM": (tasks.plain_sleeping, "SIGTERM", revoke),
@@ -295,21 +297,21 @@ def run(
     targets = [
         common.target(
             "cooperative p99",
-            ladder_results["cooperative"]["latency_ms"]["p99"],
+            ladder_results[Outcome.COOPERATIVE]["latency_ms"]["p99"],
             "<=",
             COOPERATIVE_P99_MS,
             "ms",
         ),
         common.target(
             "interrupted p99",
-            ladder_results["interrupted"]["latency_ms"]["p99"],
+            ladder_results[Outcome.INTERRUPTED]["latency_ms"]["p99"],
             "<=",
             tasks.CANCEL_GRACE * 1000 + INTERRUPT_MARGIN_MS,
             "ms",
         ),
         common.target(
             "killed p99",
-            ladder_results["killed"]["latency_ms"]["p99"],
+            ladder_results[Outcome.KILLED]["latency_ms"]["p99"],
             "<=",
             tasks.KILL_AFTER * 1000 + KILL_MARGIN_MS,
             "ms",
@@ -399,6 +401,40 @@ def report(payload: dict, path) -> None:
     common.print_table("cancel latency: cancel to stop", headers, rows)
     common.print_targets(payload)
     print(f"  -> {path}")
+
+
+def markdown(result: dict) -> list[str]:
+    """The README's Markdown rows for the cancel-latency benchmark."""
+    r = result["results"]
+    p = result["parameters"]
+    rows = [
+        "| how the task is stopped | shape | p50 ms | p99 ms | stopped, right process | target |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    shapes = {
+        Outcome.COOPERATIVE: f"checkpoint every {p['checkpoint_every_s'] * 1000:g} ms",
+        Outcome.INTERRUPTED: f"`time.sleep`, cancel_grace {p['cancel_grace_s']:g} s",
+        Outcome.KILLED: f"`sum(range(...))` holding the GIL, kill_after {p['kill_after_s']:g} s",
+    }
+    for step, figures in r["ladder"].items():
+        latency = figures["latency_ms"]
+        verdict = target_cell(result, f"{step} p99")
+        rows.append(
+            f"| cancel → {step} | {shapes[step]} | {fmt(latency['p50'])} | {fmt(latency['p99'])}"
+            f" | {figures['right_process']}/{figures['trials']} | {verdict} |"
+        )
+    revoke_shapes = {"sleep": "`time.sleep`", "gil": "`sum(range(...))` holding the GIL"}
+    for case, figures in r["revoke_terminate"].items():
+        shape, signal = case.split("_", 1)
+        stopped = figures["to_stopped_ms"]
+        rows.append(
+            f"| `revoke(terminate=True, signal={signal})` (baseline) | {revoke_shapes[shape]}"
+            f" | {fmt(stopped['p50'])} | {fmt(stopped['p99'])}"
+            f" | {figures['stopped']}/{figures['trials']} stopped,"
+            f" {figures['right_process']}/{figures['trials']} right process"
+            f" (REVOKED shown after {fmt(figures['to_revoked_ms']['p50'])} ms p50) | |"
+        )
+    return rows
 
 
 def main(argv=None) -> dict:

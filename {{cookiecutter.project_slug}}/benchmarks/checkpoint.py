@@ -2,7 +2,7 @@
 
 Both are timed inside real tasks on a real prefork worker: ``checkpoint_cost`` (a
 signal-aware task) and ``is_aborted_cost`` (a ``celery.contrib.abortable.AbortableTask``)
-each time batches of calls with ``time.perf_counter_ns()`` and return the nanoseconds per
+each time batches of calls with :mod:`timeit` and return the nanoseconds per
 call. The two tasks alternate, round after round, so a noisy moment of the machine hits
 both. Figures are medians over all batches and include the loop (``empty_call_ns`` is what
 a loop calling an empty function costs, for reference).
@@ -20,6 +20,7 @@ Target: a checkpoint costs at most 1 µs and at least 100 times less than ``is_a
 import time
 
 from benchmarks import common
+from benchmarks.common import fmt, target_cell
 
 NAME = "checkpoint"
 DEFAULTS = {
@@ -177,6 +178,25 @@ def report(payload: dict, path) -> None:
 
 def _row(summary: dict) -> list:
     return [summary["p50"], summary["min"], summary["max"], summary["n"]]
+
+
+def markdown(result: dict) -> list[str]:
+    """The README's Markdown rows for the checkpoint benchmark."""
+    r = result["results"]
+    return [
+        "| call, inside a running task | ns per call (p50) | fastest batch | target |",
+        "|---|---:|---:|---|",
+        f"| `checkpoint()`, nothing pending | {fmt(r['checkpoint_ns'])}"
+        f" | {fmt(r['checkpoint_ns_per_call']['min'])}"
+        f" | {target_cell(result, 'checkpoint cost per call (p50)')} |",
+        f"| `checkpoint()`, task thread's CPU time | {fmt(r.get('checkpoint_cpu_ns'))}"
+        f" | {fmt((r.get('checkpoint_cpu_ns_per_call') or {}).get('min'))} | |",
+        f"| `AbortableTask.is_aborted()` (baseline) | {fmt(r['is_aborted_ns'], 0)}"
+        f" | {fmt(r['is_aborted_ns_per_call']['min'], 0)} | |",
+        f"| ratio is_aborted / checkpoint | {fmt(r['ratio_is_aborted_over_checkpoint'], 0)}x"
+        f" | {fmt(r.get('ratio_of_minimums'), 0)}x"
+        f" | {target_cell(result, 'is_aborted / checkpoint (p50)')} |",
+    ]
 
 
 def main(argv=None) -> dict:

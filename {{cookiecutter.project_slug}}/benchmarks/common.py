@@ -13,8 +13,10 @@ They cost the task one Redis ``SET`` before the part being measured.
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import os
+import pkgutil
 import platform
 import re
 import sys
@@ -23,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Markers expire on their own, so an interrupted run leaves nothing behind for long.
@@ -67,6 +70,25 @@ def setup() -> str:
 
     _check_migrated()
     return _run_id
+
+
+def discover() -> dict[str, ModuleType]:
+    """Every benchmark of this folder, by name: each module that defines ``NAME`` and ``run``.
+
+    Adding a benchmark is adding such a file (beside them: ``DEFAULTS`` and ``QUICK``
+    sizes, ``report`` for its short table and ``markdown`` for the README's); nothing lists
+    them. Call :func:`setup` first: the module of the tasks imports Django.
+    """
+    found = {}
+    for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
+        if info.name.startswith("_"):  # __main__ would run them all on import
+            continue
+        module = importlib.import_module(f"benchmarks.{info.name}")
+        if isinstance(getattr(module, "NAME", None), str) and callable(
+            getattr(module, "run", None)
+        ):
+            found[module.NAME] = module
+    return dict(sorted(found.items()))
 
 
 def _check_migrated() -> None:
@@ -234,6 +256,32 @@ def target(name: str, value: float | None, op: str, limit: float, unit: str = ""
         raise ValueError(f"unknown comparison {op!r}")
     passed = value is not None and (value <= limit if op == "<=" else value >= limit)
     return {"name": name, "value": value, "op": op, "limit": limit, "unit": unit, "passed": passed}
+
+
+def fmt(value, digits: int = 1) -> str:
+    """A figure for a Markdown table: thousands separated, ``n/a`` when missing.
+
+    >>> fmt(1234.567), fmt(7, 0), fmt(None)
+    ('1,234.6', '7', 'n/a')
+    """
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def target_cell(result: dict, name: str) -> str:
+    """The target ``name`` of a result as a Markdown cell: its limit and pass or fail.
+
+    >>> target_cell({"targets": [target("p99", 12.0, "<=", 50, "ms")]}, "p99")
+    '<= 50 ms: **pass**'
+    """
+    check = next(c for c in result["targets"] if c["name"] == name)
+    return (
+        f"{check['op']} {fmt(float(check['limit']), 2).rstrip('0').rstrip('.')} {check['unit']}: "
+        + ("**pass**" if check["passed"] else "**FAIL**")
+    )
 
 
 # -- results ---------------------------------------------------------------------------

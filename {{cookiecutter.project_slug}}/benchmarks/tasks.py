@@ -9,11 +9,13 @@ The cooperative and interrupted shapes also stamp the moment their cleanup start
 
 import os
 import time
+import timeit
 
 from celery import shared_task
 from celery.contrib.abortable import AbortableTask
 
 from benchmarks.common import mark
+from tasksignal import shapes
 from tasksignal.base import SignalAwareTask
 from tasksignal.runtime import this_thread
 
@@ -36,27 +38,32 @@ def _nothing() -> None:
     """An empty function: what a loop of calls costs by itself."""
 
 
-def _per_call_ns(function, calls: int) -> tuple[float, float]:
-    """Nanoseconds per call of ``function()`` over ``calls`` calls, loop included.
+def _per_call_ns(function, calls: int, batches: int, clock=time.perf_counter_ns) -> list[float]:
+    """Nanoseconds per call of ``function()``, one figure per batch of ``calls`` calls.
 
-    Returns the elapsed time (``perf_counter_ns``) and this thread's CPU time
-    (``thread_time_ns``), which leaves out the moments another process had the CPU.
+    :mod:`timeit` does the timing (its loop, garbage collection off while it times), on
+    ``clock``: elapsed time by default, ``time.thread_time_ns`` for this thread's CPU time,
+    which leaves out the moments another process had the CPU.
+
+    >>> figures = _per_call_ns(_nothing, calls=1000, batches=3)
+    >>> len(figures), all(ns > 0 for ns in figures)
+    (3, True)
     """
-    wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
-    for _ in range(calls):
-        function()
-    return (time.perf_counter_ns() - wall) / calls, (time.thread_time_ns() - cpu) / calls
+    timer = timeit.Timer(function, timer=clock)
+    return [total / calls for total in timer.repeat(repeat=batches, number=calls)]
 
 
 def _time_batches(function, calls: int, batches: int) -> dict:
-    """Time ``batches`` batches of ``function`` calls, each followed by one of empty calls."""
-    figures: dict = {"per_call_ns": [], "per_call_cpu_ns": [], "empty_call_ns": []}
-    for _ in range(batches):
-        wall, cpu = _per_call_ns(function, calls)
-        figures["per_call_ns"].append(wall)
-        figures["per_call_cpu_ns"].append(cpu)
-        figures["empty_call_ns"].append(_per_call_ns(_nothing, calls)[0])
-    return figures | {"calls": calls, "batches": batches, "pid": os.getpid()}
+    """Time ``batches`` batches of ``calls`` calls of ``function``: elapsed, CPU, and what
+    the same loop calling an empty function costs (the harness's share of each figure)."""
+    return {
+        "per_call_ns": _per_call_ns(function, calls, batches),
+        "per_call_cpu_ns": _per_call_ns(function, calls, batches, clock=time.thread_time_ns),
+        "empty_call_ns": _per_call_ns(_nothing, calls, batches),
+        "calls": calls,
+        "batches": batches,
+        "pid": os.getpid(),
+    }
 
 
 # -- checkpoint ------------------------------------------------------------------------
@@ -100,11 +107,7 @@ STEPS, STEP_SECONDS = 15, 0.02
 @shared_task(base=SignalAwareTask, bind=True)
 def steps_signal_aware(self, steps: int = STEPS, step_seconds: float = STEP_SECONDS) -> int:
     """Work in steps with a checkpoint and a progress report each: a typical signal-aware task."""
-    for step in range(steps):
-        self.checkpoint()
-        time.sleep(step_seconds)
-        self.set_progress(step + 1, steps)
-    return steps
+    return shapes.cooperate(self, steps, step_seconds)
 
 
 @shared_task
@@ -121,10 +124,7 @@ def cooperative_loop(self, seconds: float = 60.0) -> None:
     """Check for signals every ``COOPERATIVE_STEP`` seconds: a cancel stops it cooperatively."""
     self.add_cleanup(_stamp_cleanup, self.request.id)
     mark(self.request.id, "started")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        self.checkpoint()
-        time.sleep(COOPERATIVE_STEP)
+    shapes.cooperate(self, steps=round(seconds / COOPERATIVE_STEP), step_seconds=COOPERATIVE_STEP)
 
 
 @shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
@@ -132,14 +132,14 @@ def sleeping(self, seconds: float = 60.0) -> None:
     """Sleep without a checkpoint: a cancel interrupts it after ``cancel_grace``."""
     self.add_cleanup(_stamp_cleanup, self.request.id)
     mark(self.request.id, "started")
-    time.sleep(seconds)
+    shapes.sleep(seconds)
 
 
 @shared_task(base=SignalAwareTask, bind=True, cancel_grace=CANCEL_GRACE, kill_after=KILL_AFTER)
 def holding_gil(self, n: int = GIL_N) -> int:
     """Run C code that holds the GIL: a cancel ends in a kill after ``kill_after``."""
     mark(self.request.id, "started")
-    return sum(range(n))
+    return shapes.hold_the_gil(n)
 
 
 @shared_task(bind=True)
@@ -147,7 +147,7 @@ def plain_sleeping(self, seconds: float = 60.0) -> None:
     """The ``sleeping`` shape as a plain task; marks ``stopped`` if its body is unwound."""
     mark(self.request.id, "started")
     try:
-        time.sleep(seconds)
+        shapes.sleep(seconds)
     finally:
         mark(self.request.id, "stopped")
 
@@ -157,6 +157,6 @@ def plain_holding_gil(self, n: int = GIL_N) -> int:
     """The ``holding_gil`` shape as a plain task; marks ``stopped`` if its body is unwound."""
     mark(self.request.id, "started")
     try:
-        return sum(range(n))
+        return shapes.hold_the_gil(n)
     finally:
         mark(self.request.id, "stopped")

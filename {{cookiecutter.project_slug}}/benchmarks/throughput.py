@@ -34,6 +34,7 @@ import time
 import psutil
 
 from benchmarks import common
+from benchmarks.common import fmt, target_cell
 
 NAME = "throughput"
 DEFAULTS = {"rounds": 6, "tasks": 500, "warmup": 100, "records_off": True}
@@ -327,6 +328,42 @@ def report(payload: dict, path) -> None:
         )
     common.print_targets(payload)
     print(f"  -> {path}")
+
+
+def markdown(result: dict) -> list[str]:
+    """The README's Markdown rows for the throughput benchmark."""
+    r = result["results"]
+    rows = [
+        "| no-op task, prefork concurrency 2 | tasks/s p50 (min, max) | CPU ms per 1000 tasks"
+        " (of it PostgreSQL) | worker runtime µs p50 |",
+        "|---|---:|---:|---:|",
+    ]
+    phases = [("", r)] + ([(", run records off", r["records_off"])] if "records_off" in r else [])
+    labels = {"signal_aware": "`SignalAwareTask`", "plain": "plain Celery task (baseline)"}
+    for suffix, phase in phases:
+        for kind in ("signal_aware", "plain"):
+            rate = phase["tasks_per_second"][kind]
+            cpu = phase["cpu_ms_per_1000_tasks"][kind]
+            runtime = r["worker_runtime_us"][kind]["p50"] if not suffix else None
+            rows.append(
+                f"| {labels[kind]}{suffix} | {fmt(rate['p50'])} ({fmt(rate['min'])}, "
+                f"{fmt(rate['max'])}) | {fmt(cpu['total'], 0)} ({fmt(cpu['postgres'], 0)})"
+                f" | {fmt(runtime, 0)} |"
+            )
+    rows.append("")
+    rows.append(
+        f"Throughput ratio (medians) **{fmt(r['ratio_of_medians'], 3)}**, target"
+        f" {target_cell(result, 'throughput ratio (medians)')}; paired rounds"
+        f" {fmt(r['paired_ratio']['min'], 3)} to {fmt(r['paired_ratio']['max'], 3)}; CPU ratio"
+        f" {fmt(r['cpu_ratio'], 3)}."
+        + (
+            f" Without run records: ratio {fmt(r['records_off']['ratio_of_medians'], 3)},"
+            f" CPU ratio {fmt(r['records_off']['cpu_ratio'], 3)}."
+            if "records_off" in r
+            else ""
+        )
+    )
+    return rows
 
 
 def main(argv=None) -> dict:

@@ -14,13 +14,13 @@ task                   what it does                                a cancel ends
 =====================  ==========================================  =====================
 """
 
-import socket
 import time
 
 from celery import shared_task
 from django.db import transaction
 
 from demo.models import DemoRecord
+from tasksignal import shapes
 from tasksignal.base import SignalAwareTask
 
 
@@ -49,37 +49,25 @@ def cooperative_job(self, steps: int = 100, step_seconds: float = 0.1) -> dict:
 @shared_task(base=SignalAwareTask, bind=True)
 def sleepy_job(self, seconds: float = 60.0) -> float:
     """Sleep without a single checkpoint: only an interrupt stops it early."""
-    time.sleep(seconds)
-    return seconds
+    return shapes.sleep(seconds)
 
 
 @shared_task(base=SignalAwareTask, bind=True)
 def wait_for_io_job(self, seconds: float = 60.0) -> str:
     """Block on a socket read (as on a slow HTTP call); only an interrupt stops it early."""
-    reader, writer = socket.socketpair()
-    self.add_cleanup(reader.close)
-    self.add_cleanup(writer.close)
-    reader.settimeout(seconds)
-    try:
-        reader.recv(1)
-    except TimeoutError:
-        return "timed out"
-    finally:
-        reader.close()
-        writer.close()
-    return "read"
+    return shapes.block_on_socket(self, seconds)
 
 
 @shared_task(base=SignalAwareTask, bind=True, kill_after=3.0)
 def gil_job(self, n: int = 10**11) -> int:
     """Run C code that holds the GIL: no thread of this process runs until it returns."""
-    return sum(range(n))
+    return shapes.hold_the_gil(n)
 
 
 @shared_task
 def plain_gil_job(n: int = 10**11) -> int:
     """``gil_job`` without tasksignal: what Celery's own ``revoke(terminate=True)`` faces."""
-    return sum(range(n))
+    return shapes.hold_the_gil(n)
 
 
 @shared_task(base=SignalAwareTask, bind=True)
@@ -96,9 +84,4 @@ def write_records(self, batch: str, rows: int = 20, step_seconds: float = 0.05) 
 @shared_task(base=SignalAwareTask, bind=True)
 def sibling_job(self, seed: int, steps: int = 10, step_seconds: float = 0.05) -> int:
     """Never cancelled in the load test: must return ``seed * 2 + steps``."""
-    total = seed * 2
-    for _ in range(steps):
-        self.checkpoint()
-        time.sleep(step_seconds)
-        total += 1
-    return total
+    return shapes.sibling(self, seed, steps, step_seconds)

@@ -58,6 +58,8 @@ import environ
 import run
 import verdict
 
+from tasksignal.states import RunState
+
 FAULTS = ("node-kill", "node-freeze", "redis-restart", "postgres-restart")
 
 
@@ -496,8 +498,8 @@ def audit_revokes(flows: list[dict], settings: ChaosSettings) -> dict[str, Any]:
         return {"error": str(error)[:200]}
     # SUCCESS: the body ran to its end after all (delivered again, its revoke forgotten);
     # FAILURE: the kill itself, recorded over REVOKED as a lost worker.
-    succeeded = sorted(task_id for task_id, state in ended.items() if state == "succeeded")
-    failed = sum(state == "failed" for state in ended.values())
+    succeeded = sorted(task_id for task_id, state in ended.items() if state == RunState.SUCCEEDED)
+    failed = sum(state == RunState.FAILED for state in ended.values())
     return {
         "revoked": len(revoked),
         "succeeded_after_revoked": len(succeeded),

@@ -42,6 +42,8 @@ from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
 from locust.util.timespan import parse_timespan
 
+from tasksignal.states import Outcome, RunState
+
 logger = logging.getLogger("cancel_storm")
 RNG = random.Random()  # noqa: S311 - timings and seeds of a load test, nothing secret
 TASKS = "/api/tasks/"
@@ -62,12 +64,14 @@ class Shape:
 # Every task would run 30 s or more if nobody cancelled it, so a cancel always lands while
 # it runs (or before it starts).
 SHAPES = (
-    Shape("demo.tasks.cooperative_job", {"steps": 1500, "step_seconds": 0.02}, "cooperative", 80),
-    Shape("demo.tasks.sleepy_job", {"seconds": 30.0}, "interrupted", 10),
-    Shape("demo.tasks.wait_for_io_job", {"seconds": 30.0}, "interrupted", 10),
+    Shape(
+        "demo.tasks.cooperative_job", {"steps": 1500, "step_seconds": 0.02}, Outcome.COOPERATIVE, 80
+    ),
+    Shape("demo.tasks.sleepy_job", {"seconds": 30.0}, Outcome.INTERRUPTED, 10),
+    Shape("demo.tasks.wait_for_io_job", {"seconds": 30.0}, Outcome.INTERRUPTED, 10),
 )
 #: C code holding the GIL (10 s to 40 s of a CPU): stopped only by the isolated kill.
-GIL_SHAPE = Shape("demo.tasks.gil_job", {"n": 10**9}, "killed")
+GIL_SHAPE = Shape("demo.tasks.gil_job", {"n": 10**9}, Outcome.KILLED)
 
 
 @events.init_command_line_parser.add_listener
@@ -285,8 +289,8 @@ class CancelStormUser(ApiUser):
             state = document.get("state", state)
             if state == "REVOKED":
                 seen = (time.monotonic() - sent) * 1000
-                started = document.get("run_state") not in (None, "queued")
-                fire(self.environment, "REVOKE", shape.step if started else "skipped", seen)
+                started = document.get("run_state") not in (None, RunState.QUEUED)
+                fire(self.environment, "REVOKE", shape.step if started else Outcome.SKIPPED, seen)
                 fire(self.environment, "STORM", "honoured", seen)
                 break
             if state in verdict.FAILED_STATES:

@@ -14,9 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-COOPERATIVE, INTERRUPTED, KILLED, SKIPPED = "cooperative", "interrupted", "killed", "skipped"
+from tasksignal.states import Outcome
+
+COOPERATIVE, INTERRUPTED, KILLED, SKIPPED = (
+    Outcome.COOPERATIVE,
+    Outcome.INTERRUPTED,
+    Outcome.KILLED,
+    Outcome.SKIPPED,
+)
 #: The rungs of the ladder, in the order a cancel escalates.
-LADDER = (SKIPPED, COOPERATIVE, INTERRUPTED, KILLED)
+LADDER = Outcome.LADDER
 #: Outcomes of a cancel that reached a task already running.
 RUNNING_STOPS = (COOPERATIVE, INTERRUPTED, KILLED)
 FAILED_STATES = ("SUCCESS", "FAILURE")

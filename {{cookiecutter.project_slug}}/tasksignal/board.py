@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasksignal.states import Outcome
+
 #: Bytes of one mailbox: one memory page.
 ENTRY_SIZE = 4096
 HEADER = struct.Struct("<8sIIi")  # magic, capacity, entry size, the node's wake-up pipe
@@ -62,7 +64,7 @@ MAX_ERROR = 190
 ACK_SLOTS = 6
 
 #: The stop outcomes a run half can report (index 0: it did not stop on a cancel).
-STOP_OUTCOMES = ("", "skipped", "cooperative", "interrupted", "killed")
+STOP_OUTCOMES = ("", *Outcome.LADDER)
 # Slot states.
 EMPTY, USED, TOMBSTONE = 0, 1, 2
 # Run states, as the run half reports them.

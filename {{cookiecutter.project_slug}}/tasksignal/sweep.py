@@ -37,8 +37,8 @@ def sweep() -> dict[str, int]:
     retention = now - timedelta(seconds=conf.get("TASKSIGNAL_RETENTION"))
     return {
         "runs_settled": settled,
-        "too_late": too_late.complete(CeleryTaskSignal.Outcome.TOO_LATE),
-        "expired": expired.complete(CeleryTaskSignal.Outcome.EXPIRED),
+        CeleryTaskSignal.Outcome.TOO_LATE: too_late.complete(CeleryTaskSignal.Outcome.TOO_LATE),
+        CeleryTaskSignal.Outcome.EXPIRED: expired.complete(CeleryTaskSignal.Outcome.EXPIRED),
         "signals_purged": _delete_in_batches(
             CeleryTaskSignal.objects.filter(completed=True, completed_at__lt=retention)
         ),

@@ -22,24 +22,20 @@ Servers of a test's own, for tests that stop and restart them (never the shared 
 """
 
 import contextlib
-import ctypes
 import glob
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-import psutil
 from django.conf import settings
+
+from tasksignal.processes import ProcessGroup, answers, free_port
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -47,8 +43,9 @@ if TYPE_CHECKING:
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-class ProjectProcess:
-    """A ``bin/<script>`` subprocess of this project, alone in its process group.
+class ProjectProcess(ProcessGroup):
+    """A ``bin/<script>`` subprocess of this project, alone in its process group
+    (:class:`~tasksignal.processes.ProcessGroup`).
 
     ``env`` adds to (and overrides) the environment, which starts as the current
     process's with the settings module, the Celery queue and the signal channel this
@@ -68,12 +65,8 @@ class ProjectProcess:
         stop_timeout: float = 20.0,
         name: str = "",
     ) -> None:
-        self.args = args
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
-        self.name = name or f"{self.script}-{uuid.uuid4().hex[:8]}"
-        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.log"  # noqa: S108
-        self.env = {
+        name = name or f"{self.script}-{uuid.uuid4().hex[:8]}"
+        environment = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": os.environ.get(
                 "DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE
@@ -86,98 +79,19 @@ class ProjectProcess:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **(env or {}),
         }
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def command(self) -> list[str]:
-        """The command line: ``bin/<script>`` and its arguments."""
-        return [str(PROJECT_DIR / "bin" / self.script), *self.args]
+        super().__init__(
+            [str(PROJECT_DIR / "bin" / self.script), *args],
+            cwd=PROJECT_DIR,
+            env=environment,
+            log_path=log_path or Path(tempfile.gettempdir()) / f"{name}.log",
+            ready_timeout=ready_timeout,
+            stop_timeout=stop_timeout,
+            name=name,
+        )
 
     def ready(self) -> bool:
         """Whether the process serves yet (asked repeatedly while it starts)."""
         raise NotImplementedError
-
-    def start(self) -> Self:
-        """Start the process and wait until :meth:`ready`; return ``self``."""
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = process = subprocess.Popen(
-            self.command(),
-            cwd=PROJECT_DIR,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        deadline = time.monotonic() + self.ready_timeout
-        last_error = ""
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.script} exited with {process.returncode}: {self.log_tail()}"
-                )
-            try:
-                if self.ready():
-                    return self
-            except Exception as error:  # what the check talks to is restarting: not yet
-                last_error = f" (last check: {error})"
-            time.sleep(0.1)
-        self.kill()  # never left running behind a failed start
-        raise RuntimeError(
-            f"{self.script} was not ready within {self.ready_timeout}s{last_error}: "
-            f"{self.log_tail()}"
-        )
-
-    def child_pids(self) -> list[int]:
-        """The processes the main process started (prefork pool, gunicorn workers)."""
-        try:
-            return [child.pid for child in psutil.Process(self._started.pid).children()]
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self) -> int | None:
-        """Warm shutdown (SIGTERM); kill the process group if it does not exit in time."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._kill_group()
-        if self._log is not None:
-            self._log.close()
-        return self.process.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the process and everything it started, as a crash would."""
-        self._kill_group()
-        self._started.wait(10)
-
-    @property
-    def _started(self) -> subprocess.Popen[bytes]:
-        if self.process is None:
-            raise RuntimeError(f"{self.script} was never started")
-        return self.process
-
-    def _kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._started.pid, signal.SIGKILL)
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of the process's log, for failure messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def __enter__(self) -> Self:
-        return self if self.process is not None else self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 class WorkerProcess(ProjectProcess):
@@ -241,24 +155,13 @@ class WebProcess(ProjectProcess):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"PORT": str(self.port), "GUNICORN_ACCESSLOG": "/dev/null", **kwargs.pop("env", {})}
-        super().__init__(env=env, **kwargs)
         # gunicorn binds every interface by default (config/gunicorn.conf.py): tests, loopback.
-        self.args = ("--bind", f"127.0.0.1:{self.port}", *self.args)
+        args = ("--bind", f"127.0.0.1:{self.port}", *kwargs.pop("args", ()))
+        super().__init__(args=args, env=env, **kwargs)
 
     def ready(self) -> bool:
         """``/healthz`` answers 200."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:  # noqa: S310
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        return answers(f"{self.url}/healthz")(self)
 
 
 class ThrowawayServer:
@@ -440,11 +343,3 @@ def running_pid(task_id: str) -> int | None:
         finally:
             board.close()
     return None
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM the process when the process that started it dies (a killed
-    test run must not leave workers behind); a no-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -17,6 +17,7 @@ from celery.signals import task_revoked
 from django.contrib.auth.models import User
 from django.db import connection, transaction
 
+from tasksignal import shapes
 from tasksignal.base import SignalAwareTask
 from tasksignal.registry import register_signal
 
@@ -87,33 +88,21 @@ def mark_started(self, marker: str, seconds: float = 5.0) -> str:
 @shared_task(**signal_aware, **rungs)
 def count_with_checkpoints(self, steps: int = 1000, step_seconds: float = 0.01) -> dict:
     """Count with a checkpoint and progress every step; returns what custom signals said."""
-    for step in range(steps):
-        self.checkpoint()
-        time.sleep(step_seconds)
-        self.set_progress(step + 1, steps)
+    shapes.cooperate(self, steps, step_seconds)
     return {"steps": steps, "messages": self.run_state.get("messages", [])}
 
 
 @shared_task(**signal_aware, **rungs)
 def sleep_without_checkpoints(self, seconds: float = 60.0) -> str:
     """One long ``time.sleep``."""
-    time.sleep(seconds)
+    shapes.sleep(seconds)
     return "slept"
 
 
 @shared_task(**signal_aware, **rungs)
 def wait_on_socket(self, seconds: float = 60.0) -> str:
     """Block reading a socket nobody writes to."""
-    import socket
-
-    reader, writer = socket.socketpair()
-    with reader, writer:
-        reader.settimeout(seconds)
-        try:
-            reader.recv(1)
-        except TimeoutError:
-            return "timed out"
-    return "read"
+    return shapes.block_on_socket(self, seconds)
 
 
 @shared_task(**signal_aware, **rungs)
@@ -128,7 +117,7 @@ def busy_python_loop(self, seconds: float = 60.0) -> int:
 @shared_task(**signal_aware, **rungs)
 def hold_the_gil(self, n: int = 10**11) -> int:
     """C code that never releases the GIL: only a kill from outside stops it."""
-    return sum(range(n))
+    return shapes.hold_the_gil(n)
 
 
 @shared_task(**signal_aware, **rungs)

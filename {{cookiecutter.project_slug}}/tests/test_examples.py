@@ -14,7 +14,9 @@ MODULES = [
     "tasksignal.kill",
     "tasksignal.node",
     "tasksignal.notify",
+    "tasksignal.processes",
     "tasksignal.runtime",
+    "tasksignal.shapes",
     "tasksignal.states",
     "tasksignal.waiting",
 ]
