@@ -7,6 +7,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.postgres.expressions import ArraySubquery
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
 from django.db import connections, models
 from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Now
@@ -60,8 +62,15 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         *,
         finished: bool = False,
         source: str = Source.CODE,
+        cascade: bool = False,
     ) -> CeleryTaskSignal:
         """Ask the task ``task_id`` to act on ``signal``; return the signal row.
+
+        With ``cascade=True`` the signal also goes to every task ``task_id`` started,
+        directly or through any depth of chains, groups and chords (``task_id`` may be a
+        group's id), and a cancel reaches the tasks they start later too
+        (``tasksignal/cascade.py``); ``row.reached`` and ``row.still_to_stop`` then say how
+        many tasks the signal reached and how many of those have not finished.
 
         Sending a signal that is already pending for the task returns the existing row
         (at most one pending signal per task and kind); ``row.already_pending`` says which
@@ -73,11 +82,27 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         when that transaction commits).
         """
         registry.get_signal_kind(signal)
+        if cascade:
+            from tasksignal.cascade import send_cascade
+
+            return send_cascade(self, task_id, signal, message, requested_by, finished, source)
+        return self._send(task_id, signal, message, requested_by, finished, source)
+
+    def _send(
+        self,
+        task_id: str,
+        signal: str,
+        message: str,
+        requested_by: Any,
+        finished: bool,
+        source: str,
+        cascade: bool = False,
+    ) -> CeleryTaskSignal:
         # Inserting and then reading back on conflict costs one round trip in the usual
         # case, where get_or_create in a savepoint costs five; a row completed between the
         # two statements makes room for a new one, hence the second attempt.
         for _attempt in range(3):
-            row = self._insert(task_id, signal, message, requested_by, finished, source)
+            row = self._insert(task_id, signal, message, requested_by, finished, source, cascade)
             if row is not None:
                 return row
             row = self.pending(task_id, signal).first()
@@ -94,6 +119,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         requested_by: Any,
         finished: bool,
         source: str,
+        cascade: bool = False,
     ) -> CeleryTaskSignal | None:
         """INSERT the row unless one is pending; return it, or None on conflict."""
         from tasksignal.notify import signal_channel
@@ -110,6 +136,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
                     "source": source,
                     "channel": signal_channel(task_id),
                     "too_late": finished,
+                    "cascade": cascade,
                 },
             )
             inserted = cursor.fetchone()
@@ -123,6 +150,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
             message=message,
             requested_by_id=requested_by_id,
             source=source,
+            cascade=cascade,
             created=created,
             modified=modified,
             completed=completed,
@@ -200,6 +228,12 @@ class CeleryTaskSignal(models.Model):
         editable=False,
         help_text="How it was sent: admin, API, command line or code.",
     )
+    cascade = models.BooleanField(
+        default=False,
+        db_default=False,
+        editable=False,
+        help_text="Also meant for every task this one started, and starts later.",
+    )
     completed = models.BooleanField(default=False)
     outcome = models.CharField(max_length=16, choices=Outcome.CHOICES, blank=True)
     error = models.CharField(
@@ -214,6 +248,10 @@ class CeleryTaskSignal(models.Model):
 
     #: Set by ``send``: whether the row was pending already (nothing new was written).
     already_pending: bool = False
+    #: Set by ``send(cascade=True)``: how many tasks the signal reached (this one
+    #: included) and how many of them had not finished when it was sent.
+    reached: int = 1
+    still_to_stop: int = 0
 
     class Meta:
         ordering = ["modified"]
@@ -374,6 +412,26 @@ class TaskRun(models.Model):
         if state == RunState.PAUSED or PAUSE_TASK in pending:
             allowed.add(RESUME_TASK)
         return frozenset(allowed - pending)
+
+
+class TaskLineage(models.Model):
+    """The tasks, groups and chords a published task descends from (``lineage.py``).
+
+    Written by the producer as it publishes a task started inside a running task, a
+    member of a group or chord, or a link of a chain (the links not sent yet included),
+    so that a cascade finds every descendant with one indexed query: ``ancestors``
+    contains the id cancelled (``@>``, served by the GIN index).
+    """
+
+    task_id = models.CharField(max_length=255, unique=True)
+    ancestors = ArrayField(models.TextField())
+    created = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        indexes = [GinIndex(fields=["ancestors"], name="tasksignal_lineage_ancestors")]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} < {' < '.join(reversed(self.ancestors))}"
 
 
 class ApiToken(models.Model):

@@ -31,6 +31,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # ArrayField and GinIndex of the lineage table (tasksignal.models.TaskLineage).
+    "django.contrib.postgres",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "tasksignal",
