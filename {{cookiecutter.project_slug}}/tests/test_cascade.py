@@ -9,8 +9,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tasksignal.cascade import BATCH_SIZE, cancel_result, descendants
-from tasksignal.models import CeleryTaskSignal, TaskLineage
-from tasksignal.states import Outcome
+from tasksignal.models import CeleryTaskSignal, TaskLineage, TaskRun
+from tasksignal.registry import CANCEL_TASK
+from tasksignal.states import Outcome, RunState
 from tests import tasks
 from tests.conftest import wait_for
 
@@ -23,7 +24,7 @@ def lines(path) -> list[str]:
 
 def cancels_of(task_ids) -> dict[str, str]:
     """The outcome of each task's cancel ('' while pending)."""
-    rows = CeleryTaskSignal.objects.filter(task_id__in=list(task_ids), signal="cancel_task")
+    rows = CeleryTaskSignal.objects.filter(task_id__in=list(task_ids), signal=CANCEL_TASK)
     return dict(rows.values_list("task_id", "outcome"))
 
 
@@ -121,6 +122,37 @@ def test_cascade_skips_a_child_started_after_the_cancel(worker, tmp_path):
     assert not lines(marker), "the child started after the cascade ran its body"
 
 
+@pytest.mark.worker
+def test_cascade_reaches_members_of_a_group_on_two_worker_nodes(make_worker, tmp_path):
+    marker = tmp_path / "ran"
+    queue = f"cascade-{uuid.uuid4().hex[:6]}"
+    nodes = [make_worker(queue=queue, concurrency=2) for _ in range(2)]
+    signatures = (tasks.mark_and_wait.si(str(marker)) for _ in range(4))
+    result = group(signatures).apply_async(queue=queue)
+    wait_for(lambda: len(lines(marker)) == 4, 15, "the four members to start on two nodes")
+    CeleryTaskSignal.objects.cancel(result.id, cascade=True)
+    members = [r.id for r in result.results]
+    outcomes = wait_all_stopped(members)
+    assert set(outcomes.values()) == {Outcome.COOPERATIVE}, f"members ended {outcomes}"
+    runs = TaskRun.objects.filter(task_id__in=members)
+    workers = set(
+        wait_for(lambda: set(runs.values_list("worker", flat=True)) - {""}, 10, "records")
+    )
+    assert workers == {node.node_name for node in nodes}, f"the members ran on {workers} only"
+
+
+@pytest.mark.worker
+def test_cascade_pauses_and_resumes_every_member_of_a_group(worker):
+    result = group(tasks.count_with_checkpoints.si(steps=300) for _ in range(3)).apply_async()
+    runs = TaskRun.objects.filter(task_id__in=[r.id for r in result.results])
+    wait_for(lambda: runs.filter(state=RunState.RUNNING).count() == 3, 15, "members running")
+    pause = CeleryTaskSignal.objects.pause(result.id, cascade=True)
+    assert pause.reached == 4, f"the pause reached {pause.reached}, not the group and 3 members"
+    wait_for(lambda: runs.filter(state=RunState.PAUSED).count() == 3, 10, "all members paused")
+    CeleryTaskSignal.objects.resume(result.id, cascade=True)
+    assert [r["steps"] for r in result.get(timeout=30)] == [300] * 3, "a member did not resume"
+
+
 def test_cascade_writes_one_statement_per_batch_not_one_per_task():
     root = uuid.uuid4().hex
     tasks_count = 1000
@@ -137,5 +169,5 @@ def test_cascade_writes_one_statement_per_batch_not_one_per_task():
     # The root's row, the descendants' query, one INSERT ... SELECT per batch.
     assert len(statements) == 2 + batches, f"{len(statements)} statements for {tasks_count} tasks"
     assert signal.reached == tasks_count + 1
-    pending = CeleryTaskSignal.objects.pending(signal="cancel_task")
+    pending = CeleryTaskSignal.objects.pending(signal=CANCEL_TASK)
     assert pending.filter(task_id__startswith=root, cascade=True).count() == tasks_count + 1
