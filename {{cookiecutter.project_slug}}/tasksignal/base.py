@@ -51,10 +51,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from celery import states
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import TaskRevokedError
-from django.db import connections
+from celery.result import AsyncResult
+from django.db import connections, models
 from psycopg import pq
 
-from tasksignal import conf
+from tasksignal import conf, subjects
 from tasksignal.exceptions import RunStopped, TaskCancelled
 from tasksignal.runtime import Run, runtime, this_thread
 from tasksignal.states import Outcome
@@ -132,6 +133,27 @@ class SignalAwareTask(_TaskBase):
 
     def on_cancel(self, exc: TaskCancelled) -> None:
         """Override to clean up after a cancel (called once, after transactions rolled back)."""
+
+    # -- called by the producer -----------------------------------------------------------
+    def delay_for(self, subject: models.Model, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        """``delay(*args, **kwargs)``, recording that the task works on ``subject`` (a model
+        instance): ``CeleryTaskSignal.objects.cancel_for(subject)`` then stops it."""
+        return self.apply_async_for(subject, args, kwargs)
+
+    def apply_async_for(
+        self,
+        subject: models.Model,
+        args: Any = None,
+        kwargs: Any = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """``apply_async(args, kwargs, **options)`` for ``subject`` (see :meth:`delay_for`).
+
+        The subject is recorded before the message is sent (one INSERT), so a cancel for
+        it can never miss the task."""
+        task_id = subjects.subject_options(options)
+        subjects.record(task_id, subject)
+        return self.apply_async(args, kwargs, **options)
 
     # -- Celery integration -------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

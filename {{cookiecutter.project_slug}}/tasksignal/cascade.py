@@ -32,20 +32,24 @@ descendants, whatever the depth of the tree.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery import current_app
 from celery.result import ResultBase, ResultSet
 from django.db import connections, transaction
 
-from tasksignal import sql
+from tasksignal import results, sql
 from tasksignal.notify import signal_channel
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.states import Source
 
 if TYPE_CHECKING:
     from tasksignal.models import CeleryTaskSignal, CeleryTaskSignalManager
+
+logger = logging.getLogger(__name__)
 
 #: Tasks signalled per statement.
 BATCH_SIZE = 500
@@ -94,7 +98,7 @@ def descendants(task_ids: Iterable[str], using: str = "default") -> list[str]:
 
 def _signal_all(
     using: str,
-    task_ids: list[str],
+    task_ids: Iterable[str],
     signal: str,
     message: str,
     requested_by: Any,
@@ -106,11 +110,13 @@ def _signal_all(
     with connections[using].cursor() as cursor:
         for start in range(0, len(task_ids), BATCH_SIZE):
             batch = task_ids[start : start + BATCH_SIZE]
+            ended = _ended(batch)
             cursor.execute(
                 sql.cascade_signals(),
                 {
                     "task_ids": batch,
                     "channels": [signal_channel(task_id) for task_id in batch],
+                    "ended": [task_id in ended for task_id in batch],
                     "signal": signal,
                     "message": message,
                     "requested_by": getattr(requested_by, "pk", requested_by),
@@ -120,6 +126,16 @@ def _signal_all(
             )
             still_to_stop += cursor.fetchone()[0]
     return Reach(len(task_ids), still_to_stop)
+
+
+def _ended(task_ids: list[str]) -> set[str]:
+    """Which of ``task_ids`` the result backend holds as over: a task that succeeded
+    between two of its node's record writes has no finished record to say so."""
+    try:
+        return set(results.ended_states(current_app.backend, task_ids))
+    except Exception:  # the backend's errors vary with its kind: the rows say pending then
+        logger.warning("could not ask the result backend which tasks ended", exc_info=True)
+        return set()
 
 
 def result_ids(result: ResultBase) -> list[str]:
@@ -150,26 +166,40 @@ def result_ids(result: ResultBase) -> list[str]:
     return ids
 
 
+def send_to_all(
+    task_ids: Iterable[str],
+    signal: str,
+    message: str = "",
+    requested_by: Any = None,
+    *,
+    cascade: bool = True,
+    source: str = Source.CODE,
+    using: str = "default",
+) -> Reach:
+    """Send ``signal`` to each of ``task_ids`` and, with ``cascade``, to everything they
+    started; say how far it reached. One transaction, one query for the descendants and
+    one statement per :data:`BATCH_SIZE` tasks, however many there are."""
+    roots = list(task_ids)
+    with transaction.atomic(using=using):
+        found = descendants(roots, using) if cascade and roots else []
+        return _signal_all(using, roots + found, signal, message, requested_by, source, cascade)
+
+
 def cancel_result(
     result: ResultBase,
     message: str = "",
     requested_by: Any = None,
     *,
-    cascade: bool = True,
     signal: str = CANCEL_TASK,
-    source: str = Source.CODE,
-    using: str = "default",
+    **options: Any,
 ) -> Reach:
     """Cancel every task a Celery result object stands for (an ``AsyncResult``, a chain's,
-    a ``GroupResult``, a chord's) and, with ``cascade``, everything they started; say how
-    far it reached. ``signal`` sends pause or resume the same way.
+    a ``GroupResult``, a chord's) and everything they started (unless ``cascade=False``);
+    say how far it reached. ``signal`` sends a pause or a resume the same way;
+    ``options`` are :func:`send_to_all`'s (``cascade``, ``source``, ``using``)::
 
-    All rows are written in one transaction, one statement per :data:`BATCH_SIZE` tasks::
-
-        reach = cancel_result(workflow.delay(), message="user pressed stop")
+        result = chord(group(job.s(i) for i in range(100)), summary.s()).delay()
+        reach = cancel_result(result, message="user pressed stop")
         print(f"{reach.reached} tasks cancelled, {reach.still_to_stop} still stopping")
     """
-    roots = result_ids(result)
-    with transaction.atomic(using=using):
-        task_ids = roots + (descendants(roots, using) if cascade else [])
-        return _signal_all(using, task_ids, signal, message, requested_by, source, cascade)
+    return send_to_all(result_ids(result), signal, message, requested_by, **options)

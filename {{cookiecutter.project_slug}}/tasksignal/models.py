@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
+from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.models import ContentType
 from django.contrib.postgres.expressions import ArraySubquery
 from django.contrib.postgres.fields import ArrayField
 from django.contrib.postgres.indexes import GinIndex
@@ -13,7 +15,8 @@ from django.db import connections, models
 from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Now
 
-from tasksignal import registry, sql
+from tasksignal import cascade, registry, sql, subjects
+from tasksignal.cascade import Reach
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState, Source
 
@@ -181,8 +184,39 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
     def cancel(
         self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
     ) -> CeleryTaskSignal:
-        """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder."""
+        """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder.
+
+        ``cascade=True`` cancels everything the task started too (:meth:`send`)."""
         return self.send(task_id, CANCEL_TASK, message, requested_by, **options)
+
+    def cancel_result(self, result: Any, message: str = "", **options: Any) -> Reach:
+        """Cancel the tasks of a Celery result (``AsyncResult``, ``GroupResult``, a chain's
+        or a chord's) and what they started (``cascade.cancel_result``)."""
+        return cascade.cancel_result(result, message, using=self.db, **options)
+
+    def cancel_for(self, obj: models.Model, message: str = "", **options: Any) -> Reach:
+        """Cancel every task started with ``delay_for(obj)`` / ``apply_async_for(obj)``
+        and what they started: what an app does when ``obj`` is deleted or its user
+        presses stop. Finished tasks are left alone (``too_late``).
+
+        ``options``: ``requested_by``, ``source``, ``cascade`` (default true)."""
+        task_ids = subjects.task_ids_for(obj, using=self.db)
+        return cascade.send_to_all(task_ids, CANCEL_TASK, message, using=self.db, **options)
+
+    def cancel_runs(self, runs: TaskRunQuerySet, message: str = "", **options: Any) -> Reach:
+        """Cancel the unfinished runs of ``runs``, a filter of :class:`TaskRun` (by name,
+        state, worker, age), and what they started. Only recorded runs are found: those
+        running, paused, or queued by the API or the admin.
+
+        >>> from datetime import timedelta
+        >>> from django.utils import timezone
+        >>> old = timezone.now() - timedelta(hours=1)
+        >>> runs = TaskRun.objects.filter(task_name="demo.tasks.report", started_at__lt=old)
+        >>> CeleryTaskSignal.objects.cancel_runs(runs).reached  # doctest: +SKIP
+        3
+        """
+        task_ids = list(runs.unfinished().values_list("task_id", flat=True))
+        return cascade.send_to_all(task_ids, CANCEL_TASK, message, using=self.db, **options)
 
     def pause(
         self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
@@ -432,6 +466,25 @@ class TaskLineage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id} < {' < '.join(reversed(self.ancestors))}"
+
+
+class TaskSubject(models.Model):
+    """What a task works on: a model instance, recorded by ``task.delay_for(obj, ...)``
+    (``subjects.py``), so that ``CeleryTaskSignal.objects.cancel_for(obj)`` finds it."""
+
+    task_id = models.CharField(max_length=255)
+    content_type = models.ForeignKey(ContentType, on_delete=models.CASCADE)
+    object_id = models.CharField(max_length=255)
+    subject = GenericForeignKey("content_type", "object_id")
+    created = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["content_type", "object_id"], name="tasksignal_subject_object")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} on {self.content_type.model} {self.object_id}"
 
 
 class ApiToken(models.Model):

@@ -510,10 +510,11 @@ def descendants_of() -> str:
 @functools.cache
 def cascade_signals() -> str:
     """Send one signal to a batch of tasks in one statement: a row for each (completed
-    ``too_late`` for a task whose run record says it finished; none where one of its kind
-    is pending already), each pending one announced on its task's channel.
+    ``too_late`` for a task whose run record, or the result backend (``ended``), says it
+    finished; none where one of its kind is pending already), each pending one announced
+    on its task's channel.
 
-    Parameters by name: ``task_ids``, ``channels`` (each task's signal channel),
+    Parameters by name: ``task_ids``, ``channels`` (each task's signal channel), ``ended``,
     ``signal``, ``message``, ``requested_by``, ``source``, ``cascade``. One row: how many
     of the batch had not finished (the signal is pending for each of them now).
     """
@@ -525,8 +526,9 @@ def cascade_signals() -> str:
     return f"""
         WITH batch AS (
             SELECT b.task_id, b.channel,
-                COALESCE(t.{r["state"]} IN ({finished}), false) AS finished
-            FROM unnest(%(task_ids)s::text[], %(channels)s::text[]) AS b(task_id, channel)
+                b.ended OR COALESCE(t.{r["state"]} IN ({finished}), false) AS finished
+            FROM unnest(%(task_ids)s::text[], %(channels)s::text[], %(ended)s::boolean[])
+                AS b(task_id, channel, ended)
             LEFT JOIN {r["table"]} t ON t.{r["task_id"]} = b.task_id
         ), inserted AS (
             INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
