@@ -11,6 +11,7 @@ MODULES = [
     "tasksignal.broker",
     "tasksignal.cascade",
     "tasksignal.exceptions",
+    "tasksignal.filters",
     "tasksignal.kill",
     "tasksignal.lineage",
     "tasksignal.node",
