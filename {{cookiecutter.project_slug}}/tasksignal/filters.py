@@ -27,12 +27,19 @@ from tasksignal.states import RunState
 if TYPE_CHECKING:
     from tasksignal.models import TaskRunQuerySet
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+#: An age as the API documents it: at most 99999 of a unit (273 years: any longer is
+#: before the calendar's start once taken from now).
+AGE_PATTERN = r"^(\d{1,5}(?:\.\d{1,3})?)([smhd]?)$"
+#: The states a run picked for a signal may be in.
+UNFINISHED_STATES = tuple(sorted(set(dict(RunState.CHOICES)) - RunState.FINISHED))
+_AGE = re.compile(AGE_PATTERN)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_age(text: str) -> timedelta:
-    """An age written as seconds (``90``) or with a unit (``90s``, ``10m``, ``2h``, ``1d``)."""
+    """An age written as seconds (``90``) or with a unit (``90s``, ``10m``, ``2h``, ``1d``).
+
+    Raises ``ValueError`` for anything else."""
     match = _AGE.match(text)
     if match is None:
         raise ValueError(
@@ -54,9 +61,8 @@ def runs_matching(
 
     runs = TaskRun.objects.unfinished()
     if state is not None:
-        if state not in dict(RunState.CHOICES) or state in RunState.FINISHED:
-            unfinished = sorted(set(dict(RunState.CHOICES)) - RunState.FINISHED)
-            raise ValueError(f"state {state!r} is not one of {', '.join(unfinished)}")
+        if state not in UNFINISHED_STATES:
+            raise ValueError(f"state {state!r} is not one of {', '.join(UNFINISHED_STATES)}")
         runs = runs.filter(state=state)
     if name is not None:
         runs = runs.filter(task_name=name)
