@@ -183,6 +183,7 @@ TASKSIGNAL_STARTABLE_TASKS = [
     "demo.tasks.wait_for_io_job",
     "demo.tasks.gil_job",
     "demo.tasks.write_records",
+    "demo.tasks.workflow",
     "demo.tasks.sibling_job",
 ]
 {%- else %}
