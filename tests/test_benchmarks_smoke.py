@@ -29,7 +29,7 @@ from conftest import Bake
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
-BENCHMARKS = ("checkpoint", "throughput", "cancel_latency")
+BENCHMARKS = ("checkpoint", "throughput", "cancel_latency", "cascade")
 #: Modules the generated project needs at run time (its ``dependencies``), by import name.
 PROJECT_IMPORTS = ("django", "celery", "environ", "whitenoise", "psycopg", "redis", "psutil")
 TOP_LEVEL_KEYS = {

@@ -137,6 +137,24 @@ def cancel_latency_table(result: dict) -> list[str]:
     return rows
 
 
+def cascade_table(result: dict) -> list[str]:
+    """Markdown rows for the cascade benchmark."""
+    r, p = result["results"], result["parameters"]
+    chord, wide = r["chord"], r["wide"]
+    return [
+        "| what | p50 | p99 | checked | target |",
+        "|---|---:|---:|---|---|",
+        f"| cascade cancel of a {p['chord_tasks']}-task chord: cancel → last task stopped (ms)"
+        f" | {_fmt(chord['latency_ms']['p50'])} | {_fmt(chord['latency_ms']['p99'])}"
+        f" | {chord['all_stopped_body_never_ran']}/{chord['trials']} all stopped, body never ran"
+        f" | {_verdict(result, 'chord p99')} |",
+        f"| cascade over {p['wide_tasks']} recorded tasks: the caller's time (ms)"
+        f" | {_fmt(wide['ms']['p50'])} | {_fmt(wide['ms']['p99'])}"
+        f" | {wide['statements']} SQL statements ({wide['statements_per_task']:g} per task)"
+        f" | {_verdict(result, 'wide cascade of ' + str(p['wide_tasks']) + ': statements')} |",
+    ]
+
+
 def markdown(folder: Path) -> str:
     """The Markdown figures of every result found in ``folder``."""
     sections = []
@@ -144,6 +162,7 @@ def markdown(folder: Path) -> str:
         ("checkpoint", "Checkpoint cost", checkpoint_table),
         ("throughput", "Throughput", throughput_table),
         ("cancel_latency", "Cancel latency", cancel_latency_table),
+        ("cascade", "Cascade", cascade_table),
     ):
         result = _load(folder, name)
         if result is None:

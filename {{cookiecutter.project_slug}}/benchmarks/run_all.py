@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from benchmarks import cancel_latency, checkpoint, common, node_cost, throughput
+from benchmarks import cancel_latency, cascade, checkpoint, common, node_cost, throughput
 
 #: Every benchmark, in the order they run.
 BENCHMARKS = {
@@ -17,6 +17,7 @@ BENCHMARKS = {
     throughput.NAME: throughput,
     node_cost.NAME: node_cost,
     cancel_latency.NAME: cancel_latency,
+    cascade.NAME: cascade,
 }
 
 
