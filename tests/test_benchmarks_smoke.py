@@ -187,7 +187,16 @@ def test_cancel_latency_figures_are_sane(quick_run: QuickRun) -> None:
         assert 0 <= figures["stopped"] <= figures["trials"]
 
 
+def test_cascade_figures_are_sane(quick_run: QuickRun) -> None:
+    result = quick_run.results["cascade"]
+    chord, wide = result["results"]["chord"], result["results"]["wide"]
+    assert chord["trials"] == result["parameters"]["chord_trials"]
+    assert 0 <= chord["all_stopped_body_never_ran"] <= chord["trials"]
+    assert wide["reached"] == result["parameters"]["wide_tasks"] + 1, "the root and each task"
+    assert wide["statements"] >= 3, "fewer statements than a cascade needs: none measured?"
+
+
 def test_report_prints_markdown_of_every_result(quick_run: QuickRun) -> None:
     assert quick_run.report.returncode == 0, quick_run.report.stdout
-    for title in ("Checkpoint cost", "Throughput", "Cancel latency"):
+    for title in ("Checkpoint cost", "Throughput", "Cancel latency", "Cascade"):
         assert f"#### {title}" in quick_run.report.stdout, quick_run.report.stdout
