@@ -128,7 +128,7 @@ def admit_task() -> str:
     which takes no parameters.
     """
     n = _signal_names()
-    task = "{task_id}"
+    task, ancestors = "{task_id}", "{ancestors}"
     now = "statement_timestamp()"
     return f"""
         WITH found AS (
@@ -151,7 +151,7 @@ def admit_task() -> str:
                 a.{n["source"]}, true, true, '{Outcome.SKIPPED}', '', {now}, {now}, {now}, {now}
             FROM (
                 SELECT {n["message"]}, {n["requested_by"]}, {n["source"]} FROM {n["table"]}
-                WHERE {n["task_id"]} = ANY({{ancestors}}) AND {n["signal"]} = '{CANCEL_TASK}'
+                WHERE {n["task_id"]} = ANY({ancestors}) AND {n["signal"]} = '{CANCEL_TASK}'
                     AND {n["cascade"]}
                 ORDER BY {n["id"]} LIMIT 1
             ) AS a

@@ -7,8 +7,8 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError
 from django.utils import timezone
 
-from tasksignal.exceptions import UnknownSignal
 from tasksignal import subjects
+from tasksignal.exceptions import UnknownSignal
 from tasksignal.models import CeleryTaskSignal, TaskLineage, TaskRun, TaskSubject
 from tasksignal.registry import register_signal, signal_choices
 from tasksignal.sweep import sweep
