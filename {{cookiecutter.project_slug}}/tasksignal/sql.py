@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.models import Model
 
-from tasksignal.registry import CANCEL_TASK
+from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState
 
 
@@ -122,10 +122,11 @@ def admit_task() -> str:
     same statement a pending cancel is completed ``skipped`` and announced as done. A task
     with no cancel of its own whose lineage (``{ancestors}``, a ``text[]``) holds a task
     cancelled with ``cascade`` inherits that cancel: a row completed ``skipped`` is written
-    for it, announced and returned. The ``{task_id}``, ``{ancestors}`` and
-    ``{done_channel}`` placeholders are replaced by literals quoted by
-    ``psycopg.sql.quote``: the statement shares one round trip with the node's ``LISTEN``,
-    which takes no parameters.
+    for it, announced and returned. Likewise, when the latest cascade pause or resume of its
+    ancestors is a pause, a pending pause is written for it and returned: it starts paused.
+    The ``{task_id}``, ``{ancestors}`` and ``{done_channel}`` placeholders are replaced by
+    literals quoted by ``psycopg.sql.quote``: the statement shares one round trip with the
+    node's ``LISTEN``, which takes no parameters.
     """
     n = _signal_names()
     task, ancestors = "{task_id}", "{ancestors}"
@@ -160,6 +161,22 @@ def admit_task() -> str:
                     AND {n["signal"]} = '{CANCEL_TASK}'
             )
             RETURNING {_completed_columns(n)}, {n["message"]} AS message
+        ), paused AS (
+            INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
+                {n["requested_by"]}, {n["source"]}, {n["cascade"]}, {n["completed"]},
+                {n["outcome"]}, {n["error"]}, {n["created"]}, {n["modified"]})
+            SELECT {task}, '{PAUSE_TASK}', a.{n["message"]}, a.{n["requested_by"]},
+                a.{n["source"]}, true, false, '', '', {now}, {now}
+            FROM (
+                SELECT {n["signal"]}, {n["message"]}, {n["requested_by"]}, {n["source"]}
+                FROM {n["table"]}
+                WHERE {n["task_id"]} = ANY({ancestors}) AND {n["cascade"]}
+                    AND {n["signal"]} IN ('{PAUSE_TASK}', '{RESUME_TASK}')
+                ORDER BY {n["id"]} DESC LIMIT 1
+            ) AS a
+            WHERE a.{n["signal"]} = '{PAUSE_TASK}'
+            ON CONFLICT ({n["task_id"]}, {n["signal"]}) WHERE NOT {n["completed"]} DO NOTHING
+            RETURNING {n["id"]} AS id, {n["signal"]} AS signal, {n["message"]} AS message
         ), done AS (
             SELECT * FROM skipped
             UNION ALL SELECT id, task_id, signal, outcome, created, completed_at FROM inherited
@@ -167,6 +184,7 @@ def admit_task() -> str:
         SELECT r.* FROM told, (
             SELECT * FROM found
             UNION ALL SELECT id, signal, message, true, 0.0::float8 FROM inherited
+            UNION ALL SELECT id, signal, message, false, 0.0::float8 FROM paused
         ) AS r ORDER BY 1
     """  # noqa: S608
 

@@ -153,6 +153,23 @@ def test_cascade_pauses_and_resumes_every_member_of_a_group(worker):
     assert [r["steps"] for r in result.get(timeout=30)] == [300] * 3, "a member did not resume"
 
 
+@pytest.mark.worker
+def test_a_child_started_after_a_cascade_pause_starts_paused_and_resumes(worker, tmp_path):
+    log, marker = tmp_path / "children", tmp_path / "ran"
+    root = tasks.mark_and_wait.delay(str(tmp_path / "root"))
+    wait_for(lambda: lines(tmp_path / "root"), 15, "the root to start")
+    as_its_child = {"parent_id": root.id}
+    spawner = tasks.spawn_later.apply_async((str(log), str(marker)), **as_its_child)
+    CeleryTaskSignal.objects.pause(root.id, cascade=True)
+    child_id = spawner.get(timeout=15)
+    child_runs = TaskRun.objects.filter(task_id=child_id, state=RunState.PAUSED)
+    wait_for(child_runs.exists, 10, "the late child to be recorded paused")
+    CeleryTaskSignal.objects.resume(root.id, cascade=True)
+    child = tasks.mark_and_wait.AsyncResult(child_id)
+    assert child.get(timeout=15) == child_id, "the late child did not carry on after the resume"
+    CeleryTaskSignal.objects.cancel(root.id)
+
+
 def test_cascade_writes_one_statement_per_batch_not_one_per_task():
     root = uuid.uuid4().hex
     tasks_count = 1000
