@@ -211,7 +211,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         >>> from datetime import timedelta
         >>> from django.utils import timezone
         >>> old = timezone.now() - timedelta(hours=1)
-        >>> runs = TaskRun.objects.filter(task_name="demo.tasks.report", started_at__lt=old)
+        >>> runs = TaskRun.objects.filter(task_name="reports.tasks.render", started_at__lt=old)
         >>> CeleryTaskSignal.objects.cancel_runs(runs).reached  # doctest: +SKIP
         3
         """
