@@ -22,6 +22,13 @@ Producer side (anywhere in Django: a view, the admin, the shell, another task)::
     result = resize_images.delay(paths)
     CeleryTaskSignal.objects.cancel(result.id, message="user pressed stop")
 
+    # Everything it started too (chains, groups, chords, children): tasksignal/cascade.py
+    CeleryTaskSignal.objects.cancel(result.id, cascade=True)
+
+    # By what it works on, rather than by a saved id: tasksignal/subjects.py
+    resize_images.delay_for(album, paths)
+    CeleryTaskSignal.objects.cancel_for(album)
+
 The escalation ladder for a cancel (defaults in ``tasksignal/conf.py``):
 
 1. **Skipped**: cancelled before it started, the body never runs.
