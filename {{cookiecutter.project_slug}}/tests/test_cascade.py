@@ -106,15 +106,21 @@ def test_cascade_reaches_a_tree_three_levels_deep(worker, tmp_path):
     assert started <= set(tree), f"tasks outside the recorded tree ran: {started - set(tree)}"
 
 
-@pytest.mark.worker
-def test_cascade_skips_a_child_started_after_the_cancel(worker, tmp_path):
-    log, marker = tmp_path / "children", tmp_path / "ran"
+def root_with_a_late_grandchild(tmp_path):
+    """A running root and, as its child, a plain task (nothing stops it) that starts a
+    signal-aware child of its own one second later, writing to ``tmp_path / "ran"`` if its
+    body runs. Returns the root and the plain task's result (its value: the late id)."""
     root = tasks.mark_and_wait.delay(str(tmp_path / "root"))
     wait_for(lambda: lines(tmp_path / "root"), 15, "the root to start")
-    # A plain task (nothing stops it) that the root's lineage covers: it starts its child
-    # one second after the cascade was sent.
     as_its_child = {"parent_id": root.id}
-    spawner = tasks.spawn_later.apply_async((str(log), str(marker)), **as_its_child)
+    arguments = (str(tmp_path / "children"), str(tmp_path / "ran"))
+    return root, tasks.spawn_later.apply_async(arguments, **as_its_child)
+
+
+@pytest.mark.worker
+def test_cascade_skips_a_child_started_after_the_cancel(worker, tmp_path):
+    marker = tmp_path / "ran"
+    root, spawner = root_with_a_late_grandchild(tmp_path)
     CeleryTaskSignal.objects.cancel(root.id, cascade=True)
     child_id = spawner.get(timeout=15)
     outcome = wait_all_stopped([child_id])[child_id]
@@ -155,11 +161,7 @@ def test_cascade_pauses_and_resumes_every_member_of_a_group(worker):
 
 @pytest.mark.worker
 def test_a_child_started_after_a_cascade_pause_starts_paused_and_resumes(worker, tmp_path):
-    log, marker = tmp_path / "children", tmp_path / "ran"
-    root = tasks.mark_and_wait.delay(str(tmp_path / "root"))
-    wait_for(lambda: lines(tmp_path / "root"), 15, "the root to start")
-    as_its_child = {"parent_id": root.id}
-    spawner = tasks.spawn_later.apply_async((str(log), str(marker)), **as_its_child)
+    root, spawner = root_with_a_late_grandchild(tmp_path)
     CeleryTaskSignal.objects.pause(root.id, cascade=True)
     child_id = spawner.get(timeout=15)
     child_runs = TaskRun.objects.filter(task_id=child_id, state=RunState.PAUSED)
