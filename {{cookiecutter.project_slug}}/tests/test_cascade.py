@@ -106,6 +106,28 @@ def test_cascade_reaches_a_tree_three_levels_deep(worker, tmp_path):
     assert started <= set(tree), f"tasks outside the recorded tree ran: {started - set(tree)}"
 
 
+@pytest.mark.worker
+def test_cascade_over_a_chain_of_a_chord_of_a_group_ends_every_level(worker, tmp_path):
+    marker = tmp_path / "ran"
+    step = tasks.mark_and_wait.si
+    inner = chord(group(step(str(marker), 0), step(str(marker), 0)), step(str(marker), 0))
+    result = chain(step(str(marker)), inner, step(str(marker), 0)).delay()
+    first = result
+    while first.parent is not None:
+        first = first.parent
+    wait_for(lambda: lines(marker), 15, "the chain's first link to start")
+    recorded = descendants([first.id])
+    signal = CeleryTaskSignal.objects.cancel(first.id, cascade=True)
+    # The chord's two header tasks and body, and the last link (ids known before sending).
+    assert len(recorded) >= 4, f"recorded before they were sent: {recorded}"
+    assert signal.reached == 1 + len(recorded), f"reached {signal.reached} of {recorded}"
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=10)
+    never_sent = [tasks.mark_and_wait.AsyncResult(task_id) for task_id in recorded]
+    wait_for(lambda: all(r.state == states.REVOKED for r in never_sent), 5, "all of it REVOKED")
+    assert lines(marker) == [first.id], f"tasks after the cancelled link ran: {lines(marker)}"
+
+
 def root_with_a_late_grandchild(tmp_path):
     """A running root and, as its child, a plain task (nothing stops it) that starts a
     signal-aware child of its own one second later, writing to ``tmp_path / "ran"`` if its
