@@ -11,15 +11,22 @@ task                   what it does                                a cancel ends
 ``plain_gil_job``      the same, not signal-aware                  (Celery's revoke only)
 ``write_records``      inserts rows inside one transaction         ``cooperative``, rollback
 ``sibling_job``        never cancelled; its result is checkable    (collateral check)
+``workflow``           a chord of ``cooperative_job`` tasks        a cascade: every job
+                       with ``summarize`` as its callback          stops, no callback
+``render_report``      renders a ``Report`` (``delay_for``)        ``cancel_for(report)``
 =====================  ==========================================  =====================
+
+A workflow started through the API (``POST /api/tasks/`` with ``demo.tasks.workflow``)
+is cancelled whole with ``POST /api/tasks/<its id>/cancel/?cascade=true``: its jobs stop,
+its callback never runs.
 """
 
 import time
 
-from celery import shared_task
+from celery import chord, shared_task
 from django.db import transaction
 
-from demo.models import DemoRecord
+from demo.models import DemoRecord, Report
 from tasksignal import shapes
 from tasksignal.base import SignalAwareTask
 
@@ -85,3 +92,31 @@ def write_records(self, batch: str, rows: int = 20, step_seconds: float = 0.05) 
 def sibling_job(self, seed: int, steps: int = 10, step_seconds: float = 0.05) -> int:
     """Never cancelled in the load test: must return ``seed * 2 + steps``."""
     return shapes.sibling(self, seed, steps, step_seconds)
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def workflow(self, jobs: int = 4, steps: int = 100, step_seconds: float = 0.05) -> str:
+    """Start a chord of ``jobs`` cooperative jobs whose callback is ``summarize``; return
+    the callback's id (its result is the workflow's). A cascade cancel of this task's id
+    reaches every job, and the callback never runs."""
+    header = [cooperative_job.si(steps, step_seconds) for _ in range(jobs)]
+    return chord(header)(summarize.s()).id
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def summarize(self, results: list[dict]) -> int:
+    """The workflow's callback: how many steps its jobs did in all."""
+    return sum(result["steps"] for result in results)
+
+
+@shared_task(base=SignalAwareTask, bind=True)
+def render_report(self, report_id: int, step_seconds: float = 0.05) -> int:
+    """Render the pages of a :class:`~demo.models.Report` (start it with ``delay_for``,
+    so that ``CeleryTaskSignal.objects.cancel_for(report)`` stops it)."""
+    report = Report.objects.get(pk=report_id)
+    for page in range(report.pages):
+        self.checkpoint()
+        time.sleep(step_seconds)
+        self.set_progress(page + 1, report.pages)
+    Report.objects.filter(pk=report_id).update(rendered_pages=report.pages)
+    return report.pages

@@ -34,6 +34,7 @@ from django.utils.translation import ngettext
 from tasksignal import admin_views
 from tasksignal.admin_filters import AgeFilter, CancelOutcomeFilter, TaskNameFilter, WorkerFilter
 from tasksignal.admin_forms import SignalAddForm
+from tasksignal.cascade import send_to_all
 from tasksignal.models import ApiToken, CeleryTaskSignal, TaskRun, TaskRunQuerySet
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState, Source
@@ -53,10 +54,14 @@ OUTCOME_LABELS = dict(Outcome.CHOICES)
 
 
 # -- helpers the views and the tests share ---------------------------------------------------
-def send_to_runs(runs: TaskRunQuerySet, signal: str, user: Any) -> int:
+def send_to_runs(runs: TaskRunQuerySet, signal: str, user: Any, cascade: bool = False) -> int:
     """Send ``signal`` to every unfinished run in ``runs``, as ``user`` from the admin;
-    return how many runs now have one pending (a signal already pending counts)."""
+    return how many runs now have one pending (a signal already pending counts). With
+    ``cascade``, to every task they started too, and return how many tasks it reached."""
     task_ids = list(runs.unfinished().values_list("task_id", flat=True))
+    if cascade:
+        reach = send_to_all(task_ids, signal, requested_by=user, source=Source.ADMIN)
+        return reach.reached
     rows = CeleryTaskSignal.objects.send_many(
         task_ids, signal, requested_by=user, source=Source.ADMIN
     )
@@ -309,16 +314,25 @@ class TaskRunAdmin(SignalSendingAdmin):
         context.update(extra_context or {})
         return super().change_view(request, object_id, form_url, context)
 
-    def report_sent(self, request: HttpRequest, count: int, verb: str) -> None:
-        """Tell the user how many runs a bulk send reached."""
-        self.message_user(
-            request,
-            ngettext(
+    def report_sent(
+        self, request: HttpRequest, count: int, verb: str, cascade: bool = False
+    ) -> None:
+        """Tell the user how many runs (with ``cascade``: tasks) a bulk send reached."""
+        if cascade:
+            text = ngettext(
+                "Sent %(verb)s to %(count)d task: the unfinished runs and all they started.",
+                "Sent %(verb)s to %(count)d tasks: the unfinished runs and all they started.",
+                count,
+            )
+        else:
+            text = ngettext(
                 "Sent %(verb)s to %(count)d unfinished run.",
                 "Sent %(verb)s to %(count)d unfinished runs.",
                 count,
             )
-            % {"verb": verb, "count": count},
+        self.message_user(
+            request,
+            text % {"verb": verb, "count": count},
             messages.SUCCESS if count else messages.WARNING,
         )
 
@@ -327,9 +341,12 @@ class TaskRunAdmin(SignalSendingAdmin):
     def cancel_selected(
         self, request: HttpRequest, queryset: TaskRunQuerySet
     ) -> HttpResponseBase | None:
-        """Ask for confirmation, showing how many unfinished runs would be cancelled."""
+        """Ask for confirmation, showing how many unfinished runs would be cancelled, with
+        the option to cancel everything they started too (``cascade``)."""
         if request.POST.get("post") == "yes":
-            self.report_sent(request, send_to_runs(queryset, CANCEL_TASK, request.user), "cancel")
+            cascade = request.POST.get("cascade") == "on"
+            count = send_to_runs(queryset, CANCEL_TASK, request.user, cascade)
+            self.report_sent(request, count, "cancel", cascade)
             return None
         return admin_views.cancel_confirmation(self, request, queryset, selected=True)
 

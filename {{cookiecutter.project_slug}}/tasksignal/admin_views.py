@@ -206,8 +206,9 @@ def cancel_matching_view(model_admin: Any) -> View:
             return redirect(_changelist_url("e=1"))
         queryset = changelist.get_queryset(request)
         if request.method == "POST":
-            count = send_to_runs(queryset, CANCEL_TASK, request.user)
-            model_admin.report_sent(request, count, "cancel")
+            cascade = request.POST.get("cascade") == "on"
+            count = send_to_runs(queryset, CANCEL_TASK, request.user, cascade)
+            model_admin.report_sent(request, count, "cancel", cascade)
             return redirect(_changelist_url(request.GET.urlencode()))
         return cancel_confirmation(model_admin, request, queryset, selected=False)
 

@@ -43,12 +43,14 @@ from ninja import NinjaAPI, Query, Schema
 from ninja.errors import HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security.base import AuthBase
-from pydantic import AfterValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StringConstraints
 
 from tasksignal import conf, sql, waiting
 from tasksignal.auth import AuthenticationFailed, authenticate, csrf_failure
+from tasksignal.cascade import send_to_all
 from tasksignal.exceptions import UnknownSignal
-from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.filters import AGE_PATTERN, UNFINISHED_STATES, parse_age, runs_matching
+from tasksignal.models import CeleryTaskSignal, TaskLineage, TaskRun
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK, get_signal_kind
 from tasksignal.states import RECORDED_HEADER, RunState, Source
 
@@ -154,6 +156,35 @@ class SignalIn(Body):
     message: Text = ""
 
 
+#: What ``POST /api/cancels/`` picks runs by; a request gives at least one.
+CANCEL_CRITERIA = ("task", "state", "worker", "older_than")
+
+
+class CancelsIn(Body):
+    """``POST /api/cancels/``: which unfinished runs to cancel (at least one criterion).
+
+    The criteria may be left out but not null: the document then says exactly what is
+    accepted (an object with one of them at least). Their default, None, is what the
+    pydantic plugin of mypy calls a wrong type for a ``str`` field (hence the ignores).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"anyOf": [{"required": [name]} for name in CANCEL_CRITERIA]},
+    )
+
+    task: Text = Field(None, description="Runs of this task name.")  # type: ignore[assignment]
+    state: Text = Field(  # type: ignore[assignment]
+        None, description="Runs in this state.", json_schema_extra={"enum": list(UNFINISHED_STATES)}
+    )
+    worker: Text = Field(None, description="Runs on this worker node.")  # type: ignore[assignment]
+    older_than: Annotated[str, StringConstraints(pattern=AGE_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="Runs started longer ago: seconds, or with a unit: 90s, 10m, 2h, 1d."
+    )
+    cascade: StrictBool = Field(False, description="Also every task they started.")
+    message: Text = Field("", description="Text for the tasks to read.")
+
+
 class JsonBodyParser(Parser):
     """JSON bodies, strictly: an object, no NaN or Infinity; an empty body, ``null`` or an
     empty form (what some clients send for "no body") is ``{}``. Query parameters, strictly:
@@ -233,6 +264,22 @@ class SignalOut(Schema):
         description="True when a cancel had stopped the task already: this is that cancel "
         "(so a cancel is safe to send again, after a 503 or a lost answer)",
     )
+    reached: int | None = Field(
+        None,
+        description="With ?cascade: how many tasks the signal reached (this one and "
+        "every task it started)",
+    )
+    still_to_stop: int | None = Field(
+        None, description="With ?cascade: how many of those had not finished when it was sent"
+    )
+
+
+class CancelsOut(Schema):
+    """What a cancel of the runs matching a filter reached."""
+
+    matched: int = Field(description="Unfinished runs that matched")
+    reached: int = Field(description="Tasks cancelled: the runs, and with cascade their tasks")
+    still_to_stop: int = Field(description="Of those, how many had not finished")
 
 
 class SignalRecord(Schema):
@@ -311,6 +358,17 @@ class WaitParameters(Parameters):
         allow_inf_nan=False,
         description="Seconds to wait for the stop (or the end) before answering; 0: answer "
         "at once. At most TASKSIGNAL_MAX_WAIT.",
+    )
+
+
+class SignalParameters(WaitParameters):
+    """Cancel, pause and resume: ``?wait=``, and ``?cascade=`` for everything it started."""
+
+    cascade: bool = Field(
+        False,
+        description="Also send it to every task this one started, directly or through "
+        "chains, groups and chords (a cancel also reaches tasks they start later); the "
+        "task id may be a group's.",
     )
 
 
@@ -679,14 +737,20 @@ def _jsonable(value: object) -> object:
 
 
 def send(
-    request: HttpRequest, task_id: str, kind: str, message: str, wait: float = 0
+    request: HttpRequest,
+    task_id: str,
+    kind: str,
+    message: str,
+    wait: float = 0,
+    cascade: bool = False,
 ) -> HttpResponse:
     """Send signal ``kind`` to ``task_id`` for ``request``'s user; with ``wait``, answer once
-    the signal is completed or ``wait`` seconds have passed."""
+    the signal is completed or ``wait`` seconds have passed; with ``cascade``, to every task
+    it started too."""
     _check_task_id(task_id)
     get_signal_kind(kind)
     ((run_state, signalled, stopped_by),) = _query(sql.task_facts(), {"task_id": task_id})
-    if run_state is None and not signalled:
+    if run_state is None and not signalled and not (cascade and _has_descendants(task_id)):
         raise _unknown_task(task_id)
     if kind == CANCEL_TASK and stopped_by is not None:
         # A retried cancel (its first answer lost in an outage) learns how the first one
@@ -696,10 +760,10 @@ def send(
     # A task that finished gets nothing: the signal is written completed, too late.
     too_late = run_state in RunState.FINISHED
     if not wait or too_late:
-        return _signal_answer(_write_signal(request, task_id, kind, message, too_late))
+        return _signal_answer(_write_signal(request, task_id, kind, message, too_late, cascade))
     deadline = _deadline(wait)
     with waiting.hub.watch(task_id) as waiter:  # before the write: its completion wakes us
-        row = _write_signal(request, task_id, kind, message, too_late=False)
+        row = _write_signal(request, task_id, kind, message, False, cascade)
         while not row["completed"] and time.monotonic() < deadline:
             _release_connection()
             notice = waiter.wait(
@@ -717,13 +781,32 @@ def send(
     return _signal_answer(row)
 
 
+def _has_descendants(task_id: str) -> bool:
+    """Whether tasks were recorded as started by ``task_id`` (a group's id has no run)."""
+    return TaskLineage.objects.filter(ancestors__contains=[task_id]).exists()
+
+
 def _write_signal(
-    request: HttpRequest, task_id: str, kind: str, message: str, too_late: bool
+    request: HttpRequest,
+    task_id: str,
+    kind: str,
+    message: str,
+    too_late: bool,
+    cascade: bool = False,
 ) -> dict[str, Any]:
     row = CeleryTaskSignal.objects.send(
-        task_id, kind, message, requested_by=request.auth, finished=too_late, source=Source.API
+        task_id,
+        kind,
+        message,
+        requested_by=request.auth,
+        finished=too_late,
+        source=Source.API,
+        cascade=cascade,
     )
-    return {**_signal_row(row), "already_pending": row.already_pending, "already_stopped": False}
+    answer = {**_signal_row(row), "already_pending": row.already_pending, "already_stopped": False}
+    if cascade:
+        answer.update(reached=row.reached, still_to_stop=row.still_to_stop)
+    return answer
 
 
 def _reread_signal(signal_id: int) -> dict[str, Any]:
@@ -765,7 +848,7 @@ SIGNAL_RESPONSES = {200: SignalOut, 202: SignalOut, **WRITE_ERRORS}
 def cancel_task(
     request: HttpRequest,
     task_id: str,
-    query: Query[WaitParameters],
+    query: Query[SignalParameters],
     payload: MessageIn | None = None,
 ) -> HttpResponse:
     """Send ``cancel_task``: the task stops by the escalation ladder. 202 while the cancel is
@@ -773,7 +856,8 @@ def cancel_task(
     outcome ``too_late``, for a task that had finished).
 
     Permission: ``tasksignal.add_celerytasksignal``."""
-    return send(request, task_id, CANCEL_TASK, (payload or MessageIn()).message, query.wait)
+    message = (payload or MessageIn()).message
+    return send(request, task_id, CANCEL_TASK, message, query.wait, query.cascade)
 
 
 @api.post(
@@ -786,13 +870,14 @@ def cancel_task(
 def pause_task(
     request: HttpRequest,
     task_id: str,
-    query: Query[WaitParameters],
+    query: Query[SignalParameters],
     payload: MessageIn | None = None,
 ) -> HttpResponse:
     """Send ``pause_task``: the task blocks at its next checkpoint until resumed.
 
     Permission: ``tasksignal.add_celerytasksignal``."""
-    return send(request, task_id, PAUSE_TASK, (payload or MessageIn()).message, query.wait)
+    message = (payload or MessageIn()).message
+    return send(request, task_id, PAUSE_TASK, message, query.wait, query.cascade)
 
 
 @api.post(
@@ -805,13 +890,14 @@ def pause_task(
 def resume_task(
     request: HttpRequest,
     task_id: str,
-    query: Query[WaitParameters],
+    query: Query[SignalParameters],
     payload: MessageIn | None = None,
 ) -> HttpResponse:
     """Send ``resume_task``: a paused task carries on from its checkpoint.
 
     Permission: ``tasksignal.add_celerytasksignal``."""
-    return send(request, task_id, RESUME_TASK, (payload or MessageIn()).message, query.wait)
+    message = (payload or MessageIn()).message
+    return send(request, task_id, RESUME_TASK, message, query.wait, query.cascade)
 
 
 @api.post(
@@ -828,6 +914,44 @@ def signal_task(
 
     Permission: ``tasksignal.add_celerytasksignal``."""
     return send(request, task_id, payload.signal, payload.message, query.wait)
+
+
+@api.post(
+    "/cancels/",
+    response={200: CancelsOut, **WRITE_ERRORS},
+    auth=TokenOrSession(SIGNAL_PERMISSION),
+    url_name="cancels",
+    summary="Cancel every unfinished run that matches a filter",
+)
+def cancel_matching(request: HttpRequest, payload: CancelsIn) -> HttpResponse:
+    """Cancel the unfinished runs of a task name, in a state, on a worker, started longer
+    ago than ``older_than`` (at least one criterion; all given must match), and with
+    ``cascade`` every task they started. Only recorded runs are found: those running,
+    paused, or queued through the API or the admin.
+
+    Permission: ``tasksignal.add_celerytasksignal``."""
+    if all(getattr(payload, name) is None for name in CANCEL_CRITERIA):
+        raise ApiError(400, "give at least one of task, state, worker, older_than")
+    try:
+        age = None if payload.older_than is None else parse_age(payload.older_than)
+        runs = runs_matching(payload.task, payload.state, payload.worker, age)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    task_ids = list(runs.values_list("task_id", flat=True))
+    reach = send_to_all(
+        task_ids,
+        CANCEL_TASK,
+        payload.message,
+        request.auth,
+        cascade=payload.cascade,
+        source=Source.API,
+    )
+    body = {
+        "matched": len(task_ids),
+        "reached": reach.reached,
+        "still_to_stop": reach.still_to_stop,
+    }
+    return json_response(body, 200)
 
 
 def not_found(request: HttpRequest, path: str = "") -> HttpResponse:

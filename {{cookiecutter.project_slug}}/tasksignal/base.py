@@ -22,6 +22,13 @@ Producer side (anywhere in Django: a view, the admin, the shell, another task)::
     result = resize_images.delay(paths)
     CeleryTaskSignal.objects.cancel(result.id, message="user pressed stop")
 
+    # Everything it started too (chains, groups, chords, children): tasksignal/cascade.py
+    CeleryTaskSignal.objects.cancel(result.id, cascade=True)
+
+    # By what it works on, rather than by a saved id: tasksignal/subjects.py
+    resize_images.delay_for(album, paths)
+    CeleryTaskSignal.objects.cancel_for(album)
+
 The escalation ladder for a cancel (defaults in ``tasksignal/conf.py``):
 
 1. **Skipped**: cancelled before it started, the body never runs.
@@ -51,10 +58,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from celery import states
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import TaskRevokedError
-from django.db import connections
+from celery.result import AsyncResult
+from django.db import connections, models
 from psycopg import pq
 
-from tasksignal import conf
+from tasksignal import conf, subjects
 from tasksignal.exceptions import RunStopped, TaskCancelled
 from tasksignal.runtime import Run, runtime, this_thread
 from tasksignal.states import Outcome
@@ -132,6 +140,27 @@ class SignalAwareTask(_TaskBase):
 
     def on_cancel(self, exc: TaskCancelled) -> None:
         """Override to clean up after a cancel (called once, after transactions rolled back)."""
+
+    # -- called by the producer -----------------------------------------------------------
+    def delay_for(self, subject: models.Model, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        """``delay(*args, **kwargs)``, recording that the task works on ``subject`` (a model
+        instance): ``CeleryTaskSignal.objects.cancel_for(subject)`` then stops it."""
+        return self.apply_async_for(subject, args, kwargs)
+
+    def apply_async_for(
+        self,
+        subject: models.Model,
+        args: Any = None,
+        kwargs: Any = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """``apply_async(args, kwargs, **options)`` for ``subject`` (see :meth:`delay_for`).
+
+        The subject is recorded before the message is sent (one INSERT), so a cancel for
+        it can never miss the task."""
+        task_id = subjects.subject_options(options)
+        subjects.record(task_id, subject)
+        return self.apply_async(args, kwargs, **options)
 
     # -- Celery integration -------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -6,12 +6,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
+from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.models import ContentType
 from django.contrib.postgres.expressions import ArraySubquery
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
 from django.db import connections, models
 from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Now
 
-from tasksignal import registry, sql
+from tasksignal import cascade, registry, sql, subjects
+from tasksignal.cascade import Reach
 from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState, Source
 
@@ -60,8 +65,15 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         *,
         finished: bool = False,
         source: str = Source.CODE,
+        cascade: bool = False,
     ) -> CeleryTaskSignal:
         """Ask the task ``task_id`` to act on ``signal``; return the signal row.
+
+        With ``cascade=True`` the signal also goes to every task ``task_id`` started,
+        directly or through any depth of chains, groups and chords (``task_id`` may be a
+        group's id), and a cancel reaches the tasks they start later too
+        (``tasksignal/cascade.py``); ``row.reached`` and ``row.still_to_stop`` then say how
+        many tasks the signal reached and how many of those have not finished.
 
         Sending a signal that is already pending for the task returns the existing row
         (at most one pending signal per task and kind); ``row.already_pending`` says which
@@ -73,11 +85,27 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         when that transaction commits).
         """
         registry.get_signal_kind(signal)
+        if cascade:
+            from tasksignal.cascade import send_cascade
+
+            return send_cascade(self, task_id, signal, message, requested_by, finished, source)
+        return self._send(task_id, signal, message, requested_by, finished, source)
+
+    def _send(
+        self,
+        task_id: str,
+        signal: str,
+        message: str,
+        requested_by: Any,
+        finished: bool,
+        source: str,
+        cascade: bool = False,
+    ) -> CeleryTaskSignal:
         # Inserting and then reading back on conflict costs one round trip in the usual
         # case, where get_or_create in a savepoint costs five; a row completed between the
         # two statements makes room for a new one, hence the second attempt.
         for _attempt in range(3):
-            row = self._insert(task_id, signal, message, requested_by, finished, source)
+            row = self._insert(task_id, signal, message, requested_by, finished, source, cascade)
             if row is not None:
                 return row
             row = self.pending(task_id, signal).first()
@@ -94,6 +122,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
         requested_by: Any,
         finished: bool,
         source: str,
+        cascade: bool = False,
     ) -> CeleryTaskSignal | None:
         """INSERT the row unless one is pending; return it, or None on conflict."""
         from tasksignal.notify import signal_channel
@@ -110,6 +139,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
                     "source": source,
                     "channel": signal_channel(task_id),
                     "too_late": finished,
+                    "cascade": cascade,
                 },
             )
             inserted = cursor.fetchone()
@@ -123,6 +153,7 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
             message=message,
             requested_by_id=requested_by_id,
             source=source,
+            cascade=cascade,
             created=created,
             modified=modified,
             completed=completed,
@@ -153,8 +184,39 @@ class CeleryTaskSignalManager(_SignalManagerBase["CeleryTaskSignal"]):
     def cancel(
         self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
     ) -> CeleryTaskSignal:
-        """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder."""
+        """Send ``cancel_task``: the task stops, cleaning up, by the escalation ladder.
+
+        ``cascade=True`` cancels everything the task started too (:meth:`send`)."""
         return self.send(task_id, CANCEL_TASK, message, requested_by, **options)
+
+    def cancel_result(self, result: Any, message: str = "", **options: Any) -> Reach:
+        """Cancel the tasks of a Celery result (``AsyncResult``, ``GroupResult``, a chain's
+        or a chord's) and what they started (``cascade.cancel_result``)."""
+        return cascade.cancel_result(result, message, using=self.db, **options)
+
+    def cancel_for(self, obj: models.Model, message: str = "", **options: Any) -> Reach:
+        """Cancel every task started with ``delay_for(obj)`` / ``apply_async_for(obj)``
+        and what they started: what an app does when ``obj`` is deleted or its user
+        presses stop. Finished tasks are left alone (``too_late``).
+
+        ``options``: ``requested_by``, ``source``, ``cascade`` (default true)."""
+        task_ids = subjects.task_ids_for(obj, using=self.db)
+        return cascade.send_to_all(task_ids, CANCEL_TASK, message, using=self.db, **options)
+
+    def cancel_runs(self, runs: TaskRunQuerySet, message: str = "", **options: Any) -> Reach:
+        """Cancel the unfinished runs of ``runs``, a filter of :class:`TaskRun` (by name,
+        state, worker, age), and what they started. Only recorded runs are found: those
+        running, paused, or queued by the API or the admin.
+
+        >>> from datetime import timedelta
+        >>> from django.utils import timezone
+        >>> old = timezone.now() - timedelta(hours=1)
+        >>> runs = TaskRun.objects.filter(task_name="reports.tasks.render", started_at__lt=old)
+        >>> CeleryTaskSignal.objects.cancel_runs(runs).reached  # doctest: +SKIP
+        3
+        """
+        task_ids = list(runs.unfinished().values_list("task_id", flat=True))
+        return cascade.send_to_all(task_ids, CANCEL_TASK, message, using=self.db, **options)
 
     def pause(
         self, task_id: str, message: str = "", requested_by: Any = None, **options: Any
@@ -200,6 +262,12 @@ class CeleryTaskSignal(models.Model):
         editable=False,
         help_text="How it was sent: admin, API, command line or code.",
     )
+    cascade = models.BooleanField(
+        default=False,
+        db_default=False,
+        editable=False,
+        help_text="Also meant for every task this one started, and starts later.",
+    )
     completed = models.BooleanField(default=False)
     outcome = models.CharField(max_length=16, choices=Outcome.CHOICES, blank=True)
     error = models.CharField(
@@ -214,6 +282,10 @@ class CeleryTaskSignal(models.Model):
 
     #: Set by ``send``: whether the row was pending already (nothing new was written).
     already_pending: bool = False
+    #: Set by ``send(cascade=True)``: how many tasks the signal reached (this one
+    #: included) and how many of them had not finished when it was sent.
+    reached: int = 1
+    still_to_stop: int = 0
 
     class Meta:
         ordering = ["modified"]
@@ -374,6 +446,45 @@ class TaskRun(models.Model):
         if state == RunState.PAUSED or PAUSE_TASK in pending:
             allowed.add(RESUME_TASK)
         return frozenset(allowed - pending)
+
+
+class TaskLineage(models.Model):
+    """The tasks, groups and chords a published task descends from (``lineage.py``).
+
+    Written by the producer as it publishes a task started inside a running task, a
+    member of a group or chord, or a link of a chain (the links not sent yet included),
+    so that a cascade finds every descendant with one indexed query: ``ancestors``
+    contains the id cancelled (``@>``, served by the GIN index).
+    """
+
+    task_id = models.CharField(max_length=255, unique=True)
+    ancestors = ArrayField(models.TextField())
+    created = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        indexes = [GinIndex(fields=["ancestors"], name="tasksignal_lineage_ancestors")]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} < {' < '.join(reversed(self.ancestors))}"
+
+
+class TaskSubject(models.Model):
+    """What a task works on: a model instance, recorded by ``task.delay_for(obj, ...)``
+    (``subjects.py``), so that ``CeleryTaskSignal.objects.cancel_for(obj)`` finds it."""
+
+    task_id = models.CharField(max_length=255)
+    content_type = models.ForeignKey(ContentType, on_delete=models.CASCADE)
+    object_id = models.CharField(max_length=255)
+    subject = GenericForeignKey("content_type", "object_id")
+    created = models.DateTimeField(db_default=Now(), editable=False)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["content_type", "object_id"], name="tasksignal_subject_object")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} on {self.content_type.model} {self.object_id}"
 
 
 class ApiToken(models.Model):

@@ -70,7 +70,7 @@ from django.db import connections
 from psycopg import sql as psql
 
 from tasksignal import board as boards
-from tasksignal import broker, conf, notify, results, sql
+from tasksignal import broker, conf, lineage, notify, results, sql
 from tasksignal.broker import guard_closed_channels
 from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
@@ -371,7 +371,8 @@ class Node:
         task = request.task
         grace, kill_after = task.resolved_cancel_grace(), task.resolved_kill_after()
         answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._push("admit", task_id, answer, request.name, index, grace, kill_after)
+        ancestors = lineage.ancestors_of(request)
+        self._push("admit", task_id, answer, request.name, index, grace, kill_after, ancestors)
         if self._hub is None:
             return not self._admit(request, index, _result(answer))
 
@@ -393,7 +394,7 @@ class Node:
             if index is not None:
                 self.board.free(index, task_id)
             # Celery's own announcement of a revoked task, with our reason.
-            request._announce_revoked("cancelled (skipped)", False, None, False)
+            request.announce_cancelled("cancelled (skipped)")
             return False
         if verdict is None:
             logger.warning("could not look up signals of %s in time; it runs unchecked", task_id)
@@ -817,16 +818,25 @@ class Node:
                 raise  # the node reconnects; the events still queued wait for it
 
     def _on_admit(
-        self, task_id: str, task_name: str, index: int, cancel_grace: float, kill_after: float
+        self,
+        task_id: str,
+        task_name: str,
+        index: int,
+        cancel_grace: float,
+        kill_after: float,
+        ancestors: list[str],
     ) -> bool | None:
-        """``LISTEN`` for the task and read its signals (completing a cancel ``skipped``), in
-        one round trip; follow the task unless it was cancelled. Answers whether it may run."""
+        """``LISTEN`` for the task and read its signals (completing a cancel ``skipped``, or
+        inheriting an ancestor's cascade cancel), in one round trip; follow the task unless
+        it was cancelled. Answers whether it may run."""
         tracked = Tracked(task_id, task_name, index, cancel_grace, kill_after)
         self._tracked[task_id] = tracked
         if self._db is None:
             return None  # unchecked: followed, listened to and reconciled on reconnect
         admit = sql.admit_task().replace("{task_id}", psql.quote(task_id, self._db))
         admit = admit.replace("{done_channel}", psql.quote(self.done_channel, self._db))
+        quoted = ", ".join(psql.quote(ancestor, self._db) for ancestor in ancestors)
+        admit = admit.replace("{ancestors}", f"ARRAY[{quoted}]::text[]")
         statements = [f"LISTEN {self._channel(task_id)}", *self._unlisten_statements()]
         rows = self._execute("; ".join([*statements, admit]))
         self._listening.add(task_id)

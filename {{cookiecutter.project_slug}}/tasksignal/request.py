@@ -18,15 +18,21 @@ only touch the node's memory and never wait for the database:
   acknowledged, so a worker that dies in between leaves a completed cancel and a message
   that is skipped when it comes back, never a task that runs again. The pool process has
   stored ``REVOKED`` already, so the announcement does not store it again.
+* ``announce_cancelled()``, the announcement of both: it also stores ``REVOKED`` for what
+  the message would have led to, the rest of its chain and its chord's body, which can no
+  longer run (celery #10526: Celery would count a header task's revoke and, at the last
+  one, store a ``ChordError`` for the body).
 
 Without a node in this worker (``tasksignal.node.NodeStep`` not added) the request
 behaves like Celery's.
 """
 
 from billiard.einfo import ExceptionInfo
+from celery import signature
 from celery.worker.request import Request
 from kombu.utils.encoding import safe_repr
 
+from tasksignal import lineage
 from tasksignal import node as nodes
 from tasksignal.exceptions import RunStopped
 
@@ -63,9 +69,32 @@ class SignalAwareRequest(Request):
             self._tasksignal_stored = exc.stored
 
             def announce() -> None:
-                self._announce_revoked(exc.reason, False, None, False)
+                self.announce_cancelled(exc.reason)
 
             node.run_stopped(self, exc, announce)
             return None
         node.run_failed(self, safe_repr(exc))
         return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    def announce_cancelled(self, reason: str) -> None:
+        """Celery's announcement of a revoked task, for a run a cancel skipped or stopped,
+        and the same end for what the run's message would have led to.
+
+        The rest of a chain is never sent once a link is cancelled, and a chord can no
+        longer run its body once a task of its header was. Left alone, the chain's result
+        would stay ``PENDING`` for ever, and Celery would count this revoke and, when the
+        last header task ended, store a ``ChordError`` FAILURE for the body, which a
+        caller reads as a crash (celery #10526). Instead each of them is stored
+        ``REVOKED`` now, so whoever waits on the workflow's result learns at once, and
+        the revoke is not counted: the body is never sent.
+        """
+        # celery-types leaves out Request's private members used here.
+        context = self._context  # type: ignore[attr-defined]
+        never_sent = [*(context.chain or ()), *([context.chord] if context.chord else [])]
+        for sig in never_sent:
+            for task_id in lineage.signature_ids(signature(sig, app=self.task.app)):
+                self.task.backend.mark_as_revoked(
+                    task_id, f"never sent: task {self.id} before it was {reason}"
+                )
+        context.chord = None
+        self._announce_revoked(reason, False, None, False)  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ time, and end those records.
 from collections.abc import Iterable
 from typing import Any
 
-from celery.backends.base import KeyValueStoreBackend
+from celery.backends.base import BaseKeyValueStoreBackend
 
 from tasksignal.states import RunState
 
@@ -34,7 +34,9 @@ def ended_states(backend: Any, task_ids: Iterable[str]) -> dict[str, str]:
     """
     task_ids = list(task_ids)
     ended: dict[str, str] = {}
-    if not isinstance(backend, KeyValueStoreBackend):
+    # Redis's backend is not a KeyValueStoreBackend (that one adds the synchronous result
+    # consumer Redis replaces); both share BaseKeyValueStoreBackend, which has mget().
+    if not isinstance(backend, BaseKeyValueStoreBackend):
         for task_id in task_ids:
             state = RunState.OF_CELERY_STATE.get(backend.get_state(task_id))
             if state is not None:

@@ -172,6 +172,11 @@ class Runtime:
                 backend_pid=_backend_pid(),
             )
             self.take_signals(run)
+            if run.inbox:
+                # Signals posted before the run began (a pause sent while it was queued):
+                # taking them marked the attention seen, so no checkpoint would act on
+                # them; a value the attention byte never holds makes the first one act.
+                run.attention_seen = -1
         return run
 
     def end(self, run: Run, stop_outcome: str = "") -> None:

@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.models import Model
 
-from tasksignal.registry import CANCEL_TASK
+from tasksignal.registry import CANCEL_TASK, PAUSE_TASK, RESUME_TASK
 from tasksignal.states import Outcome, RunState
 
 
@@ -77,9 +77,9 @@ def insert_signal() -> str:
     """Insert a signal unless one of its kind is pending, and announce it.
 
     Parameters by name: ``task_id``, ``signal``, ``message``, ``requested_by``, ``source``
-    (a ``states.Source``), ``channel`` (the task's signal channel) and ``too_late`` (true:
-    the task has finished, so the row is written completed ``too_late`` and nobody is
-    told). Returns the new row's ``id,
+    (a ``states.Source``), ``cascade`` (meant for its descendants too), ``channel`` (the
+    task's signal channel) and ``too_late`` (true: the task has finished, so the row is
+    written completed ``too_late`` and nobody is told). Returns the new row's ``id,
     created, modified, completed, completed_at``, or no row when one was pending.
     ``pg_notify`` runs in the same statement, so the notice is sent exactly when (and if)
     the row commits.
@@ -90,11 +90,11 @@ def insert_signal() -> str:
     return f"""
         WITH inserted AS (
             INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
-                {n["requested_by"]}, {n["source"]}, {n["completed"]}, {n["outcome"]},
-                {n["error"]}, {n["created"]}, {n["modified"]}, {n["acknowledged_at"]},
-                {n["completed_at"]})
+                {n["requested_by"]}, {n["source"]}, {n["cascade"]}, {n["completed"]},
+                {n["outcome"]}, {n["error"]}, {n["created"]}, {n["modified"]},
+                {n["acknowledged_at"]}, {n["completed_at"]})
             SELECT %(task_id)s, %(signal)s, %(message)s, %(requested_by)s, %(source)s,
-                %(too_late)s,
+                %(cascade)s, %(too_late)s,
                 CASE WHEN %(too_late)s THEN '{Outcome.TOO_LATE}' ELSE '' END, '',
                 statement_timestamp(), statement_timestamp(),
                 CASE WHEN %(too_late)s THEN statement_timestamp() END,
@@ -119,13 +119,18 @@ def admit_task() -> str:
     Returns the task's pending signals and any cancel (pending, or completed: a message
     delivered again after its cancel was honoured), as rows ``id, signal, message,
     completed, age`` (seconds since the signal was created, on the database clock); in the
-    same statement a pending cancel is completed ``skipped`` and announced as done. The
-    ``{task_id}`` and ``{done_channel}`` placeholders are replaced by literals quoted by
-    ``psycopg.sql.quote``: the statement shares one round trip with the node's ``LISTEN``,
-    which takes no parameters.
+    same statement a pending cancel is completed ``skipped`` and announced as done. A task
+    with no cancel of its own whose lineage (``{ancestors}``, a ``text[]``) holds a task
+    cancelled with ``cascade`` inherits that cancel: a row completed ``skipped`` is written
+    for it, announced and returned. Likewise, when the latest cascade pause or resume of its
+    ancestors is a pause, a pending pause is written for it and returned: it starts paused.
+    The ``{task_id}``, ``{ancestors}`` and ``{done_channel}`` placeholders are replaced by
+    literals quoted by ``psycopg.sql.quote``: the statement shares one round trip with the
+    node's ``LISTEN``, which takes no parameters.
     """
     n = _signal_names()
-    task = "{task_id}"
+    task, ancestors = "{task_id}", "{ancestors}"
+    now = "statement_timestamp()"
     return f"""
         WITH found AS (
             SELECT {n["id"]}, {n["signal"]}, {n["message"]}, {n["completed"]},
@@ -138,8 +143,49 @@ def admit_task() -> str:
             WHERE {n["task_id"]} = {task} AND {n["signal"]} = '{CANCEL_TASK}'
                 AND NOT {n["completed"]}
             RETURNING {_completed_columns(n)}
-        ), told AS ({_done_notice("skipped", "{done_channel}")})
-        SELECT found.* FROM found, told ORDER BY 1
+        ), inherited AS (
+            INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
+                {n["requested_by"]}, {n["source"]}, {n["cascade"]}, {n["completed"]},
+                {n["outcome"]}, {n["error"]}, {n["created"]}, {n["modified"]},
+                {n["acknowledged_at"]}, {n["completed_at"]})
+            SELECT {task}, '{CANCEL_TASK}', a.{n["message"]}, a.{n["requested_by"]},
+                a.{n["source"]}, true, true, '{Outcome.SKIPPED}', '', {now}, {now}, {now}, {now}
+            FROM (
+                SELECT {n["message"]}, {n["requested_by"]}, {n["source"]} FROM {n["table"]}
+                WHERE {n["task_id"]} = ANY({ancestors}) AND {n["signal"]} = '{CANCEL_TASK}'
+                    AND {n["cascade"]}
+                ORDER BY {n["id"]} LIMIT 1
+            ) AS a
+            WHERE NOT EXISTS (
+                SELECT 1 FROM {n["table"]} WHERE {n["task_id"]} = {task}
+                    AND {n["signal"]} = '{CANCEL_TASK}'
+            )
+            RETURNING {_completed_columns(n)}, {n["message"]} AS message
+        ), paused AS (
+            INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
+                {n["requested_by"]}, {n["source"]}, {n["cascade"]}, {n["completed"]},
+                {n["outcome"]}, {n["error"]}, {n["created"]}, {n["modified"]})
+            SELECT {task}, '{PAUSE_TASK}', a.{n["message"]}, a.{n["requested_by"]},
+                a.{n["source"]}, true, false, '', '', {now}, {now}
+            FROM (
+                SELECT {n["signal"]}, {n["message"]}, {n["requested_by"]}, {n["source"]}
+                FROM {n["table"]}
+                WHERE {n["task_id"]} = ANY({ancestors}) AND {n["cascade"]}
+                    AND {n["signal"]} IN ('{PAUSE_TASK}', '{RESUME_TASK}')
+                ORDER BY {n["id"]} DESC LIMIT 1
+            ) AS a
+            WHERE a.{n["signal"]} = '{PAUSE_TASK}'
+            ON CONFLICT ({n["task_id"]}, {n["signal"]}) WHERE NOT {n["completed"]} DO NOTHING
+            RETURNING {n["id"]} AS id, {n["signal"]} AS signal, {n["message"]} AS message
+        ), done AS (
+            SELECT * FROM skipped
+            UNION ALL SELECT id, task_id, signal, outcome, created, completed_at FROM inherited
+        ), told AS ({_done_notice("done", "{done_channel}")})
+        SELECT r.* FROM told, (
+            SELECT * FROM found
+            UNION ALL SELECT id, signal, message, true, 0.0::float8 FROM inherited
+            UNION ALL SELECT id, signal, message, false, 0.0::float8 FROM paused
+        ) AS r ORDER BY 1
     """  # noqa: S608
 
 
@@ -491,4 +537,82 @@ def task_status() -> str:
              FROM {s["table"]} x WHERE x.{s["task_id"]} = %(task_id)s)
         FROM (SELECT 1) AS one
         LEFT JOIN {n["table"]} r ON r.{n["task_id"]} = %(task_id)s
+    """  # noqa: S608
+
+
+def _lineage_names() -> dict[str, str]:
+    from tasksignal.models import TaskLineage
+
+    return _names(TaskLineage)
+
+
+@functools.cache
+def insert_lineage() -> str:
+    """Record the lineage of published tasks; a task recorded already keeps its row.
+
+    Parameter: a JSON list of ``[task_id, [ancestor, ...]]`` pairs.
+    """
+    n = _lineage_names()
+    return f"""
+        INSERT INTO {n["table"]} ({n["task_id"]}, {n["ancestors"]}, {n["created"]})
+        SELECT r->>0, ARRAY(SELECT jsonb_array_elements_text(r->1)), statement_timestamp()
+        FROM jsonb_array_elements(%s::jsonb) AS r
+        ON CONFLICT ({n["task_id"]}) DO NOTHING
+    """  # noqa: S608
+
+
+@functools.cache
+def descendants_of() -> str:
+    """The ids of every task recorded as descending from any of a list of tasks (or
+    groups): one query, served by the lineage table's GIN index. Parameter: the list."""
+    n = _lineage_names()
+    return f"""
+        SELECT {n["task_id"]} FROM {n["table"]}
+        WHERE {n["ancestors"]} && %s::text[] ORDER BY {n["id"]}
+    """  # noqa: S608
+
+
+@functools.cache
+def cascade_signals() -> str:
+    """Send one signal to a batch of tasks in one statement: a row for each (completed
+    ``too_late`` for a task whose run record, or the result backend (``ended``), says it
+    finished; none where one of its kind is pending already), each pending one announced
+    on its task's channel.
+
+    Parameters by name: ``task_ids``, ``channels`` (each task's signal channel), ``ended``,
+    ``signal``, ``message``, ``requested_by``, ``source``, ``cascade``. One row: how many
+    of the batch had not finished (the signal is pending for each of them now).
+    """
+    from tasksignal.notify import MAX_MESSAGE_IN_PAYLOAD
+
+    n, r = _signal_names(), _run_names()
+    finished = ", ".join(f"'{state}'" for state in sorted(RunState.FINISHED))
+    now = "statement_timestamp()"
+    return f"""
+        WITH batch AS (
+            SELECT b.task_id, b.channel,
+                b.ended OR COALESCE(t.{r["state"]} IN ({finished}), false) AS finished
+            FROM unnest(%(task_ids)s::text[], %(channels)s::text[], %(ended)s::boolean[])
+                AS b(task_id, channel, ended)
+            LEFT JOIN {r["table"]} t ON t.{r["task_id"]} = b.task_id
+        ), inserted AS (
+            INSERT INTO {n["table"]} ({n["task_id"]}, {n["signal"]}, {n["message"]},
+                {n["requested_by"]}, {n["source"]}, {n["cascade"]}, {n["completed"]},
+                {n["outcome"]}, {n["error"]}, {n["created"]}, {n["modified"]},
+                {n["acknowledged_at"]}, {n["completed_at"]})
+            SELECT task_id, %(signal)s, %(message)s, %(requested_by)s, %(source)s, %(cascade)s,
+                finished, CASE WHEN finished THEN '{Outcome.TOO_LATE}' ELSE '' END, '',
+                {now}, {now}, CASE WHEN finished THEN {now} END,
+                CASE WHEN finished THEN {now} END
+            FROM batch
+            ON CONFLICT ({n["task_id"]}, {n["signal"]}) WHERE NOT {n["completed"]} DO NOTHING
+            RETURNING {n["id"]}, {n["task_id"]}, {n["signal"]}, {n["message"]}, {n["completed"]}
+        )
+        SELECT (SELECT count(*) FROM batch WHERE NOT finished),
+            (SELECT count(pg_notify(b.channel, json_build_object(
+                'id', i.{n["id"]}, 'task_id', i.{n["task_id"]}, 'signal', i.{n["signal"]},
+                'message', left(i.{n["message"]}, {MAX_MESSAGE_IN_PAYLOAD}),
+                'truncated', length(i.{n["message"]}) > {MAX_MESSAGE_IN_PAYLOAD})::text))
+             FROM inserted i JOIN batch b ON b.task_id = i.{n["task_id"]}
+             WHERE NOT i.{n["completed"]})
     """  # noqa: S608

@@ -113,3 +113,8 @@ class Source:
 #: The message header a producer sets on a task whose run it recorded (``queued``): the
 #: worker node then keeps that record true even for a task that is not signal-aware.
 RECORDED_HEADER = "tasksignal_recorded"
+
+#: The message header that carries a task's lineage: the ids of the tasks, groups and
+#: chords it descends from, oldest first (``lineage.py``). A worker node reads it at
+#: admission to skip a task whose ancestor was cancelled with ``cascade=True``.
+LINEAGE_HEADER = "tasksignal_lineage"

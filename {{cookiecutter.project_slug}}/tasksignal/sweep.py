@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from tasksignal import conf, notify, results, sql
-from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.models import CeleryTaskSignal, TaskLineage, TaskRun, TaskSubject
 
 BATCH_SIZE = 1000
 #: An open run record not updated for this long is checked against Celery's result.
@@ -22,7 +22,9 @@ def sweep() -> dict[str, int]:
     - a pending signal whose task run has finished is completed ``too_late``;
     - a pending signal older than ``TASKSIGNAL_SIGNAL_EXPIRY`` is completed ``expired``
       (its task never showed up);
-    - completed signals and finished runs older than ``TASKSIGNAL_RETENTION`` are deleted;
+    - completed signals and finished runs older than ``TASKSIGNAL_RETENTION`` are deleted,
+      and so are the lineage and subject records of tasks published before it (a cascade
+      or ``cancel_for`` no longer finds tasks that old);
     - an open run record untouched for ``STALE_AFTER`` whose task Celery reports finished
       is settled (its process was killed before it could write the end of the run).
 
@@ -45,6 +47,8 @@ def sweep() -> dict[str, int]:
         "runs_purged": _delete_in_batches(
             TaskRun.objects.filter(state__in=TaskRun.FINISHED_STATES, finished_at__lt=retention)
         ),
+        "lineage_purged": _delete_in_batches(TaskLineage.objects.filter(created__lt=retention)),
+        "subjects_purged": _delete_in_batches(TaskSubject.objects.filter(created__lt=retention)),
     }
 
 

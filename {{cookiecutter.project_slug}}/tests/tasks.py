@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import shared_task
+from celery import group, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_revoked
 from django.contrib.auth.models import User
@@ -227,3 +227,42 @@ def plain_sleep(marker: str, seconds: float = 60.0) -> str:
     _append(marker, "started")
     time.sleep(seconds)
     return "done"
+
+# -- workflows for the cascade tests -------------------------------------------------------
+
+
+@shared_task(**signal_aware, **rungs)
+def mark_and_wait(self, marker: str, seconds: float = 30.0) -> str:
+    """Write this task's id to ``marker``, then wait at checkpoints: a workflow's step."""
+    _append(marker, self.request.id)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        self.checkpoint()
+        time.sleep(0.01)
+    return self.request.id
+
+
+@shared_task(**signal_aware, **rungs)
+def fan_out(self, marker: str, depth: int, width: int = 2, seconds: float = 30.0) -> str:
+    """Start a group of ``width`` copies of itself one level down (``mark_and_wait`` at the
+    bottom), then wait at checkpoints: a tree of tasks ``depth`` levels deep."""
+    _append(marker, self.request.id)
+    if depth > 1:
+        group(fan_out.si(marker, depth - 1, width, seconds) for _ in range(width)).delay()
+    else:
+        group(mark_and_wait.si(marker, seconds) for _ in range(width)).delay()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        self.checkpoint()
+        time.sleep(0.01)
+    return self.request.id
+
+
+@shared_task(bind=True)
+def spawn_later(self, log: str, marker: str, delay: float = 1.0) -> str:
+    """A plain task (no checkpoints, cannot be cancelled) that starts a signal-aware child
+    after ``delay``, writing the child's id to ``log``: a child started after a cascade."""
+    time.sleep(delay)
+    child = mark_and_wait.delay(marker, 5.0)
+    _append(log, child.id)
+    return child.id

@@ -3,11 +3,13 @@
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth.models import User
 from django.db import IntegrityError
 from django.utils import timezone
 
+from tasksignal import subjects
 from tasksignal.exceptions import UnknownSignal
-from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.models import CeleryTaskSignal, TaskLineage, TaskRun, TaskSubject
 from tasksignal.registry import register_signal, signal_choices
 from tasksignal.sweep import sweep
 
@@ -120,3 +122,16 @@ def test_sweep_leaves_a_stale_record_of_a_task_celery_does_not_know_finished():
     TaskRun.objects.filter(task_id="t13").update(updated_at=timezone.now() - timedelta(hours=1))
     assert sweep()["runs_settled"] == 0
     assert TaskRun.objects.get(task_id="t13").state == "running"
+
+
+def test_sweep_purges_lineage_and_subjects_older_than_the_retention(settings):
+    settings.TASKSIGNAL_RETENTION = 60
+    long_ago = timezone.now() - timedelta(hours=1)
+    TaskLineage.objects.create(task_id="old", ancestors=["root"])
+    TaskLineage.objects.create(task_id="new", ancestors=["root"])
+    subjects.record("old", User.objects.create(username="subject"))
+    TaskLineage.objects.filter(task_id="old").update(created=long_ago)
+    TaskSubject.objects.update(created=long_ago)
+    counts = sweep()
+    assert (counts["lineage_purged"], counts["subjects_purged"]) == (1, 1), counts
+    assert list(TaskLineage.objects.values_list("task_id", flat=True)) == ["new"]

@@ -1,11 +1,13 @@
 """Pause and resume at checkpoints; the paused state is visible."""
 
 import time
+import uuid
 
 import pytest
 from celery import states
 
 from tasksignal.models import CeleryTaskSignal, TaskRun
+from tasksignal.states import RunState
 from tests import tasks
 from tests.conftest import wait_for, wait_until_completed, wait_until_running
 
@@ -84,3 +86,12 @@ def test_visibility_timeout_outlasts_the_hard_time_limit(settings):
     assert visibility > settings.CELERY_TASK_TIME_LIMIT, (
         "a run (paused or not) could outlive the visibility timeout and be redelivered"
     )
+
+
+def test_a_pause_sent_before_the_task_started_pauses_it_at_its_first_checkpoint(worker):
+    task_id = str(uuid.uuid4())
+    CeleryTaskSignal.objects.pause(task_id)  # as for a task still queued
+    result = tasks.count_with_checkpoints.apply_async(kwargs={"steps": 2000}, task_id=task_id)
+    wait_for(lambda: run_state(result) == RunState.PAUSED, 10, "the task to start paused")
+    assert progress(result) in (None, 0, 1), f"it ran on while paused: {progress(result)}"
+    CeleryTaskSignal.objects.cancel(result.id)

@@ -31,6 +31,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # ArrayField and GinIndex of the lineage table (tasksignal.models.TaskLineage).
+    "django.contrib.postgres",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "tasksignal",
@@ -181,6 +183,7 @@ TASKSIGNAL_STARTABLE_TASKS = [
     "demo.tasks.wait_for_io_job",
     "demo.tasks.gil_job",
     "demo.tasks.write_records",
+    "demo.tasks.workflow",
     "demo.tasks.sibling_job",
 ]
 {%- else %}

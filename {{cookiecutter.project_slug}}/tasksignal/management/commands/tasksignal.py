@@ -4,6 +4,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from tasksignal.cascade import Reach, send_to_all
+from tasksignal.filters import parse_age, runs_matching
 from tasksignal.models import CeleryTaskSignal, TaskRun
 from tasksignal.states import Source
 from tasksignal.sweep import sweep
@@ -13,6 +15,13 @@ VERBS = {
     "pause": CeleryTaskSignal.PAUSE_TASK,
     "resume": CeleryTaskSignal.RESUME_TASK,
 }
+
+#: The options that pick runs instead of ids.
+PICKS = ("task", "state", "worker", "older_than")
+
+
+def _reach_line(signal: str, reach: Reach | CeleryTaskSignal) -> str:
+    return f"{signal} reached {reach.reached} task(s), {reach.still_to_stop} still to stop"
 
 
 class Command(BaseCommand):
@@ -24,13 +33,26 @@ class Command(BaseCommand):
         listing.add_argument("--all", action="store_true", help="Include finished runs.")
         for verb in VERBS:
             send = sub.add_parser(verb, help=f"Send {VERBS[verb]} to tasks.")
-            send.add_argument("task_ids", nargs="+", metavar="task_id")
+            send.add_argument("task_ids", nargs="*", metavar="task_id")
             send.add_argument("--message", default="", help="Text for the task to read.")
             send.add_argument(
                 "--force",
                 action="store_true",
                 help="Send even to ids no worker has recorded yet (tasks still queued).",
             )
+            send.add_argument(
+                "--cascade",
+                action="store_true",
+                help="Also to every task they started (chains, groups, chords, children).",
+            )
+            picks = send.add_argument_group("instead of ids, every unfinished run that matches")
+            picks.add_argument("--task", metavar="NAME", help="Runs of this task name.")
+            picks.add_argument("--state", help="Runs in this state: queued, running, paused.")
+            picks.add_argument("--worker", help="Runs on this worker node.")
+            picks.add_argument(
+                "--older-than", metavar="AGE", help="Runs started longer ago: 90, 90s, 10m, 2h, 1d."
+            )
+            send.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
         sub.add_parser("sweep", help="Expire, settle and purge old signals and runs now.")
 
     def handle(self, *args: str, action: str, **options: Any) -> None:
@@ -39,8 +61,46 @@ class Command(BaseCommand):
         elif action == "sweep":
             for step, count in sweep().items():
                 self.stdout.write(f"{step}: {count}")
+        elif any(options[pick] is not None for pick in PICKS):
+            if options["task_ids"]:
+                raise CommandError(
+                    "give task ids or --task/--state/--worker/--older-than, not both"
+                )
+            self._send_to_matching(VERBS[action], options)
+        elif not options["task_ids"]:
+            raise CommandError(
+                "give task ids, or pick runs with --task/--state/--worker/--older-than"
+            )
+        elif options["cascade"]:
+            self._send_cascade(VERBS[action], options["task_ids"], options["message"])
         else:
             self._send(VERBS[action], options["task_ids"], options["message"], options["force"])
+
+    def _send_to_matching(self, signal: str, options: dict[str, Any]) -> None:
+        try:
+            age = None if options["older_than"] is None else parse_age(options["older_than"])
+            runs = runs_matching(options["task"], options["state"], options["worker"], age)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        task_ids = list(runs.values_list("task_id", flat=True))
+        if not task_ids:
+            self.stdout.write("no unfinished run matches")
+            return
+        extra = " and every task they started" if options["cascade"] else ""
+        self.stdout.write(f"{len(task_ids)} unfinished run(s) match: {signal} them{extra}?")
+        if not options["yes"] and input("Type 'yes' to go on: ").strip().lower() != "yes":
+            raise CommandError("nothing sent")
+        reach = send_to_all(
+            task_ids, signal, options["message"], cascade=options["cascade"], source=Source.CLI
+        )
+        self.stdout.write(self.style.SUCCESS(_reach_line(signal, reach)))
+
+    def _send_cascade(self, signal: str, task_ids: list[str], message: str) -> None:
+        for task_id in task_ids:
+            row = CeleryTaskSignal.objects.send(
+                task_id, signal, message, source=Source.CLI, cascade=True
+            )
+            self.stdout.write(self.style.SUCCESS(f"sent: {row}; {_reach_line(signal, row)}"))
 
     def _list(self, include_finished: bool) -> None:
         runs = TaskRun.objects.all()
