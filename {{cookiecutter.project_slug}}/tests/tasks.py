@@ -228,6 +228,7 @@ def plain_sleep(marker: str, seconds: float = 60.0) -> str:
     time.sleep(seconds)
     return "done"
 
+
 # -- workflows for the cascade tests -------------------------------------------------------
 
 
