@@ -163,6 +163,7 @@ def test_cancel_storm_honours_every_cancel_without_collateral(
         f"{_failures(storm, 'collateral')}\n{figures}"
     )
     assert counts["siblings_ok"] > 0, f"no sibling task completed, so none was checked\n{figures}"
+    assert counts["workflows"] > 0, f"no workflow was cancelled whole (?cascade=true)\n{figures}"
     assert storm["elapsed_s"] >= MIN_RUN_SECONDS, f"the storm ran only {storm['elapsed_s']} s"
     assert storm["tasks_in_flight"]["max"] >= MIN_TASKS_IN_FLIGHT, (
         f"at most {storm['tasks_in_flight']['max']} tasks were in flight at once, "

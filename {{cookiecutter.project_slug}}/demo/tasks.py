@@ -95,12 +95,15 @@ def sibling_job(self, seed: int, steps: int = 10, step_seconds: float = 0.05) ->
 
 
 @shared_task(base=SignalAwareTask, bind=True)
-def workflow(self, jobs: int = 4, steps: int = 100, step_seconds: float = 0.05) -> str:
+def workflow(
+    self, jobs: int = 4, steps: int = 100, step_seconds: float = 0.05
+) -> dict[str, object]:
     """Start a chord of ``jobs`` cooperative jobs whose callback is ``summarize``; return
-    the callback's id (its result is the workflow's). A cascade cancel of this task's id
-    reaches every job, and the callback never runs."""
+    the ids of the jobs and of the callback (whose result is the workflow's). A cascade
+    cancel of this task's id reaches every job, and the callback never runs."""
     header = [cooperative_job.si(steps, step_seconds) for _ in range(jobs)]
-    return chord(header)(summarize.s()).id
+    callback = chord(header)(summarize.s())
+    return {"jobs": [job.id for job in callback.parent.results], "callback": callback.id}
 
 
 @shared_task(base=SignalAwareTask, bind=True)

@@ -8,9 +8,12 @@ storm against Celery's ``revoke(terminate=True)`` (``loadtest/run.py``).
     Starts a long task (mostly ``cooperative_job``, some ``sleepy_job`` and
     ``wait_for_io_job``, now and then a ``gil_job``), waits a random moment, and cancels it
     with ``POST /api/tasks/<id>/cancel/?wait=...``: the answer comes when the task stopped,
-    with its outcome and latency. Two requests per flow. In ``revoke`` mode (the baseline) it
-    revokes the task instead and polls ``GET /api/tasks/<id>/`` until ``REVOKED``, the way a
-    Celery user has to.
+    with its outcome and latency. Two requests per flow. One flow in ten
+    (``--storm-workflows``) starts ``demo.tasks.workflow`` instead, a chord of three jobs
+    and a callback, cancels it whole with ``?cascade=true`` and reads every job and the
+    callback: each job must stop like any cancelled task, the callback never run. In
+    ``revoke`` mode (the baseline) it revokes the task instead and polls
+    ``GET /api/tasks/<id>/`` until ``REVOKED``, the way a Celery user has to.
 ``SiblingUser``
     Starts ``sibling_job(seed, steps)`` and reads it with ``GET /api/tasks/<id>/?wait=...``;
     it must return ``seed * 2 + steps``. Anything else is collateral damage of the storm.
@@ -72,6 +75,10 @@ SHAPES = (
 )
 #: C code holding the GIL (10 s to 40 s of a CPU): stopped only by the isolated kill.
 GIL_SHAPE = Shape("demo.tasks.gil_job", {"n": 10**9}, Outcome.KILLED)
+#: A chord of three 30 s cooperative jobs and a callback, cancelled whole (``?cascade=true``).
+WORKFLOW = Shape(
+    "demo.tasks.workflow", {"jobs": 3, "steps": 1500, "step_seconds": 0.02}, Outcome.COOPERATIVE
+)
 
 
 @events.init_command_line_parser.add_listener
@@ -89,6 +96,7 @@ def add_options(parser) -> None:
     option("max-p99-ms", "MAX_P99_MS", type=float, default=100.0, help="cooperative p99 gate")
     option("cancel-after", "CANCEL_AFTER", default="0.05-1.0", help="seconds, start to cancel")
     option("gil-every", "GIL_EVERY", type=float, default=10.0, help="seconds between gil_jobs")
+    option("workflows", "WORKFLOW_SHARE", type=float, default=0.1, help="share cancelled whole")
     option("cancel-grace", "CANCEL_GRACE", type=float, default=1.0, help="the server's grace")
     option("kill-after", "GIL_KILL_AFTER", type=float, default=3.0, help="gil_job's kill_after")
     option("slack", "SLACK", type=float, default=2.0, help="added to interrupt/kill deadlines")
@@ -200,6 +208,15 @@ class ApiUser(FastHttpUser):
                 return status, data
             gevent.sleep(0.5)
 
+    def read_until_finished(self, task_id: str, give_up: float) -> dict:
+        """The task's document once it finished, or as it is when ``give_up`` passes."""
+        answer: dict = {}
+        while not answer.get("finished") and time.monotonic() < give_up:
+            left = max(give_up - time.monotonic(), 0.1)
+            path = f"{TASKS}{task_id}/?wait={left:.1f}"
+            _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
+        return answer
+
     def start_task(self, shape: Shape | None, task_name: str, kwargs: dict) -> str | None:
         """Start a task; return its id, or ``None`` if the API refused it."""
         body = {"task": task_name, "kwargs": kwargs}
@@ -220,6 +237,10 @@ class CancelStormUser(ApiUser):
     @task
     def storm(self) -> None:
         """One flow: start, wait, cancel and see the stop (or revoke and poll)."""
+        cancel_mode = STORM.options.storm_mode == "cancel"  # Celery cannot stop a workflow
+        if cancel_mode and RNG.random() < STORM.options.storm_workflows:
+            self.cancel_workflow()
+            return
         shape = STORM.pick()
         task_id = self.start_task(shape, shape.task, shape.kwargs)
         if task_id is None:
@@ -271,6 +292,48 @@ class CancelStormUser(ApiUser):
             error = Unhonoured(f"{shape.task} {task_id}: {reason}")
             fire(self.environment, "STORM", "unhonoured", 0, error)
 
+    def cancel_workflow(self) -> None:
+        """One flow over a whole workflow: start a chord of cooperative jobs, cancel the
+        task that started it with ``?cascade=true`` after a random moment, and read each job
+        and the callback until they ended: every job stopped, the callback never ran."""
+        root = self.start_task(WORKFLOW, WORKFLOW.task, WORKFLOW.kwargs)
+        if root is None:
+            return
+        fire(self.environment, "STORM", "started", 0)
+        give_up = time.monotonic() + STORM.deadlines.longest(WORKFLOW.step) + 30
+        # The root returns once it has sent the chord: its result names the jobs and callback.
+        started = self.read_until_finished(root, give_up)
+        ids = started.get("result") if started.get("state") == "SUCCESS" else None
+        gevent.sleep(RNG.uniform(*STORM.cancel_after))
+        sent, cancelled_at = time.monotonic(), time.time()
+        fire(self.environment, "STORM", "cancelled", 0)
+        path = f"{TASKS}{root}/cancel/?cascade=true"
+        status, _ = self.call_through_outages("POST", path, "POST cancel ?cascade", give_up)
+        if not isinstance(ids, dict):
+            honoured, reason = False, f"the workflow did not start its chord: {started}"
+        elif status not in (200, 202):
+            honoured, reason = False, f"the cascade cancel failed, HTTP {status}"
+        else:
+            give_up = sent + STORM.deadlines.longest(WORKFLOW.step)
+            jobs = [self.read_until_finished(job, give_up) for job in ids["jobs"]]
+            callback = self.read_until_finished(ids["callback"], give_up)
+            honoured, reason = verdict.judge_workflow(
+                jobs, callback, STORM.deadlines, any_step=bool(STORM.options.storm_faults)
+            )
+        STORM.in_flight.pop(root, None)
+        STORM.log_flow(
+            kind="workflow", task_id=root, task=WORKFLOW.task, cancelled=cancelled_at,
+            seen=time.time(), honoured=honoured, outcome=None, reason=reason,
+        )  # fmt: skip
+        elapsed = (time.monotonic() - sent) * 1000
+        if honoured:
+            fire(self.environment, "STORM", "honoured", elapsed)
+            fire(self.environment, "WORKFLOW", "honoured", elapsed)
+        else:
+            error = Unhonoured(f"workflow {root}: {reason}")
+            fire(self.environment, "STORM", "unhonoured", 0, error)
+            fire(self.environment, "WORKFLOW", "unhonoured", 0)
+
     def revoke_and_poll(self, task_id: str, shape: Shape, sent: float) -> None:
         """Baseline: Celery's revoke(terminate=True), then poll until ``REVOKED`` is seen."""
         fire(self.environment, "STORM", "cancelled", 0)
@@ -320,18 +383,12 @@ class SiblingUser(ApiUser):
         task_id = self.start_task(None, "demo.tasks.sibling_job", kwargs)
         if task_id is None:
             return
-        faults = STORM.options.storm_faults
+        options = STORM.options
         wait = (
-            STORM.options.storm_fault_deadline if faults else STORM.options.storm_sibling_deadline
+            options.storm_fault_deadline if options.storm_faults else options.storm_sibling_deadline
         )
-        give_up = started + wait
-        path = f"{TASKS}{task_id}/?wait={wait:g}"
-        _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
         # A sibling on a node that was killed comes back when the broker delivers it again.
-        while faults and not answer.get("finished") and time.monotonic() < give_up:
-            left = max(give_up - time.monotonic(), 0.1)
-            path = f"{TASKS}{task_id}/?wait={left:.1f}"
-            _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
+        answer = self.read_until_finished(task_id, started + wait)
         STORM.in_flight.pop(task_id, None)
         ok, reason = verdict.judge_sibling(seed * 2 + steps, answer)
         elapsed = (time.monotonic() - started) * 1000
@@ -416,8 +473,8 @@ def on_test_stop(environment: Environment, **_kwargs) -> None:
 def _stop_task(environment: Environment, task_id: str) -> None:
     if STORM.options.storm_mode == "revoke":
         path = f"/loadtest/tasks/{task_id}/revoke/"
-    else:
-        path = f"{TASKS}{task_id}/cancel/"
+    else:  # with cascade: a workflow's root stops everything it started
+        path = f"{TASKS}{task_id}/cancel/?cascade=true"
     request = urllib.request.Request(  # noqa: S310 - the host under test
         f"{environment.host.rstrip('/')}{path}",
         data=b"",
@@ -472,6 +529,9 @@ def summarise(environment: Environment, elapsed: float) -> dict[str, Any]:
         "siblings_ok": _count(environment, "SIBLING", "ok"),
         "siblings_failed": _count(environment, "SIBLING", "collateral"),
         "siblings_cutoff": _count(environment, "SIBLING", "cutoff"),
+        "workflows": _count(environment, "WORKFLOW", "honoured")
+        + _count(environment, "WORKFLOW", "unhonoured"),
+        "workflows_honoured": _count(environment, "WORKFLOW", "honoured"),
         "http_requests": requests,
         "http_failures": sum(entry.num_failures for entry in http),
         "outage_answers": sum(

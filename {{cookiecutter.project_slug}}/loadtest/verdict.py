@@ -133,6 +133,36 @@ def judge_sibling(expected: int, answer: dict[str, Any]) -> tuple[bool, str]:
     return False, f"no result by its deadline (state {state})"
 
 
+def judge_workflow(
+    jobs: list[dict[str, Any]],
+    callback: dict[str, Any],
+    deadlines: Deadlines,
+    *,
+    any_step: bool = False,
+) -> tuple[bool, str]:
+    """Judge a workflow cancelled with ``?cascade=true`` from its tasks' documents: every
+    cooperative job stopped like a cancelled one (:func:`judge_cancel`), and the callback
+    ended ``REVOKED`` without ever starting.
+
+    >>> job = {"state": "REVOKED", "outcome": "cooperative", "latency_ms": 40}
+    >>> never_ran = {"state": "REVOKED", "started_at": None}
+    >>> judge_workflow([job, {**job, "outcome": "skipped"}], never_ran, Deadlines())
+    (True, '2 jobs stopped (cooperative, skipped), callback never ran')
+    >>> judge_workflow([job, {"state": "SUCCESS", "outcome": None}], never_ran, Deadlines())[1]
+    'job 2 of 2: ended SUCCESS despite the cancel (outcome None)'
+    >>> judge_workflow([job], {"state": "SUCCESS", "started_at": "12:00"}, Deadlines())[1]
+    'the callback ran (state SUCCESS)'
+    """
+    for number, job in enumerate(jobs, 1):
+        ok, reason = judge_cancel(COOPERATIVE, job, deadlines, any_step=any_step)
+        if not ok:
+            return False, f"job {number} of {len(jobs)}: {reason}"
+    if callback.get("started_at") or callback.get("state") != "REVOKED":
+        return False, f"the callback ran (state {callback.get('state')})"
+    outcomes = ", ".join(sorted({job["outcome"] for job in jobs}))
+    return True, f"{len(jobs)} jobs stopped ({outcomes}), callback never ran"
+
+
 def gate(counts: dict[str, int], outcomes: dict[str, dict], max_p99_ms: float) -> list[str]:
     """Reasons the storm fails, each a sentence; empty when it passes.
 

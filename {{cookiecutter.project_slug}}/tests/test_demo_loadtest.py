@@ -45,6 +45,7 @@ def test_a_short_storm_passes_end_to_end(transactional_db, tmp_path):
         "LOADTEST_USERS": "4",
         "LOADTEST_SIBLING_USERS": "1",
         "LOADTEST_WORKER_CONCURRENCY": "6",
+        "LOADTEST_WORKFLOW_SHARE": "0.3",  # a few whole workflows among the flows
         "LOADTEST_WEB_CONCURRENCY": "1",
         "LOADTEST_MAX_P99_MS": "10000",  # a smoke test on a shared machine: no latency gate
         "LOADTEST_REPORT_DIR": str(tmp_path),
@@ -66,3 +67,5 @@ def test_a_short_storm_passes_end_to_end(transactional_db, tmp_path):
     counts = summary["counts"]
     assert counts["honoured"] > 0, output
     assert counts["unhonoured"] == counts["siblings_failed"] == 0, output
+    assert counts["workflows"] > 0, f"no workflow was cancelled whole: {counts}"
+    assert counts["workflows_honoured"] == counts["workflows"], output

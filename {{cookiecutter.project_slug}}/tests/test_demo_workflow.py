@@ -33,8 +33,9 @@ def test_a_workflow_cancelled_with_cascade_stops_every_job_and_never_runs_its_ca
     )
     assert started.status_code == 202, f"start: {started.content!r}"
     workflow_id = started.json()["id"]
-    callback = AsyncResult(AsyncResult(workflow_id).get(timeout=15))
-    jobs = TaskRun.objects.filter(task_name="demo.tasks.cooperative_job", state=RunState.RUNNING)
+    started = AsyncResult(workflow_id).get(timeout=15)
+    callback = AsyncResult(started["callback"])
+    jobs = TaskRun.objects.filter(task_id__in=started["jobs"], state=RunState.RUNNING)
     wait_for(lambda: jobs.count() == 3, 15, "the workflow's three jobs to run")
     response = client.post(f"/api/tasks/{workflow_id}/cancel/?cascade=true", headers=headers)
     assert response.status_code == 200, response.content  # the workflow task itself is done
