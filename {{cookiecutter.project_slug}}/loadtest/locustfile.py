@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import summary
 import verdict
 from gevent.pool import Pool
 from locust import FastHttpUser, constant, events, task
@@ -208,10 +209,16 @@ class ApiUser(FastHttpUser):
                 return status, data
             gevent.sleep(0.5)
 
-    def read_until_finished(self, task_id: str, give_up: float) -> dict:
-        """The task's document once it finished, or as it is when ``give_up`` passes."""
+    def read_until_finished(self, task_id: str, give_up: float, stopped: bool = False) -> dict:
+        """The task's document once it finished, or as it is when ``give_up`` passes. With
+        ``stopped``, once its cancel's outcome is written too: a stopped task's ``REVOKED``
+        is stored a moment before its worker node completes the cancel."""
         answer: dict = {}
-        while not answer.get("finished") and time.monotonic() < give_up:
+        while time.monotonic() < give_up:
+            if answer.get("finished"):
+                if not stopped or answer.get("outcome") or answer.get("state") != "REVOKED":
+                    break
+                gevent.sleep(0.05)
             left = max(give_up - time.monotonic(), 0.1)
             path = f"{TASKS}{task_id}/?wait={left:.1f}"
             _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
@@ -315,7 +322,7 @@ class CancelStormUser(ApiUser):
             honoured, reason = False, f"the cascade cancel failed, HTTP {status}"
         else:
             give_up = sent + STORM.deadlines.longest(WORKFLOW.step)
-            jobs = [self.read_until_finished(job, give_up) for job in ids["jobs"]]
+            jobs = [self.read_until_finished(job, give_up, stopped=True) for job in ids["jobs"]]
             callback = self.read_until_finished(ids["callback"], give_up)
             honoured, reason = verdict.judge_workflow(
                 jobs, callback, STORM.deadlines, any_step=bool(STORM.options.storm_faults)
@@ -434,7 +441,7 @@ def on_test_start(environment: Environment, **_kwargs) -> None:
         options = STORM.options
         while True:
             gevent.sleep(0.5)
-            cancelled = _count(environment, "STORM", "cancelled")
+            cancelled = summary.count(environment, "STORM", "cancelled")
             elapsed = time.time() - STORM.started
             long_enough = elapsed >= parse_timespan(options.storm_min_duration)
             if long_enough and cancelled >= options.storm_min_cancels:
@@ -458,14 +465,14 @@ def on_test_stop(environment: Environment, **_kwargs) -> None:
         if shape is not None:  # leave nothing running: a leftover gil_job holds a CPU
             pool.spawn(_stop_task, environment, task_id)
     pool.join(timeout=15)
-    summary = summarise(environment, time.time() - STORM.started)
+    result = summary.summarise(environment, STORM, time.time() - STORM.started)
     folder = Path(STORM.options.storm_report_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{summary['label']}-summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info("cancel storm: %s; summary in %s", summary["counts"], path)
-    if summary["gate"]:
-        for reason in summary["gate"]:
+    path = folder / f"{result['label']}-summary.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    logger.info("cancel storm: %s; summary in %s", result["counts"], path)
+    if result["gate"]:
+        for reason in result["gate"]:
             logger.error("FAIL: %s", reason)
         environment.process_exit_code = 1
 
@@ -485,93 +492,3 @@ def _stop_task(environment: Environment, task_id: str) -> None:
         urllib.request.urlopen(request, timeout=5).close()  # noqa: S310
     except OSError:
         logger.warning("could not stop %s at the end of the run", task_id)
-
-
-def _entry(environment: Environment, kind: str, name: str):
-    return environment.stats.entries.get((name, kind))
-
-
-def _count(environment: Environment, kind: str, name: str) -> int:
-    entry = _entry(environment, kind, name)
-    return entry.num_requests if entry is not None else 0
-
-
-def _percentiles(entry) -> dict[str, float]:
-    return {
-        "count": entry.num_requests,
-        "p50_ms": entry.get_response_time_percentile(0.50),
-        "p95_ms": entry.get_response_time_percentile(0.95),
-        "p99_ms": entry.get_response_time_percentile(0.99),
-        "max_ms": entry.max_response_time,
-    }
-
-
-def summarise(environment: Environment, elapsed: float) -> dict[str, Any]:
-    """The run's summary from Locust's statistics and the storm's own metrics."""
-    options = STORM.options
-    stats = environment.stats
-    latency_kind = "REVOKE" if options.storm_mode == "revoke" else "CANCEL"
-    outcomes = {
-        name: _percentiles(entry)
-        for (name, kind), entry in sorted(stats.entries.items())
-        if kind == latency_kind
-    }
-    http = [entry for (_, kind), entry in stats.entries.items() if kind in ("GET", "POST")]
-    requests = sum(entry.num_requests for entry in http)
-    flows = _count(environment, "STORM", "started") + _count(environment, "SIBLING", "ok")
-    flows += _count(environment, "SIBLING", "collateral")
-    counts = {
-        "started": _count(environment, "STORM", "started"),
-        "cancelled": _count(environment, "STORM", "cancelled"),
-        "honoured": _count(environment, "STORM", "honoured"),
-        "unhonoured": _count(environment, "STORM", "unhonoured"),
-        "cutoff": _count(environment, "STORM", "cutoff"),
-        "siblings_ok": _count(environment, "SIBLING", "ok"),
-        "siblings_failed": _count(environment, "SIBLING", "collateral"),
-        "siblings_cutoff": _count(environment, "SIBLING", "cutoff"),
-        "workflows": _count(environment, "WORKFLOW", "honoured")
-        + _count(environment, "WORKFLOW", "unhonoured"),
-        "workflows_honoured": _count(environment, "WORKFLOW", "honoured"),
-        "http_requests": requests,
-        "http_failures": sum(entry.num_failures for entry in http),
-        "outage_answers": sum(
-            entry.num_requests for (_, kind), entry in stats.entries.items() if kind == "OUTAGE"
-        ),
-    }
-    honoured_entry = _entry(environment, "STORM", "honoured")
-    failures = [
-        {"error": str(error.error)[:300], "name": error.name, "count": error.occurrences}
-        for error in sorted(stats.errors.values(), key=lambda e: -e.occurrences)[:25]
-    ]
-    label = options.storm_label or ("baseline" if options.storm_mode == "revoke" else "storm")
-    summary = {
-        "mode": options.storm_mode,
-        "label": label,
-        "host": environment.host,
-        "users": options.num_users,
-        "elapsed_s": round(elapsed, 1),
-        "counts": counts,
-        "honoured_per_s": round(counts["honoured"] / elapsed, 1) if elapsed > 0 else 0.0,
-        "http_per_s": round(requests / elapsed, 1) if elapsed > 0 else 0.0,
-        "requests_per_flow": round(requests / flows, 2) if flows else None,
-        "tasks_in_flight": {
-            "mean": round(sum(STORM.samples) / len(STORM.samples), 1) if STORM.samples else 0.0,
-            "max": max(STORM.samples, default=0),
-        },
-        "outcomes": outcomes,
-        "running_share": verdict.share_running(outcomes),
-        "client_stop_seen": _percentiles(honoured_entry) if honoured_entry else None,
-        "latency_source": (
-            "client: revoke request sent to REVOKED seen"
-            if options.storm_mode == "revoke"
-            else "server: cancel requested to task stopped (database clock)"
-        ),
-        "deadlines_s": {step: STORM.deadlines.seconds(step) for step in verdict.LADDER},
-        "max_cooperative_p99_ms": options.storm_max_p99_ms,
-        "failures": failures,
-    }
-    cancel_mode = options.storm_mode == "cancel"
-    gate = verdict.gate(counts, outcomes, options.storm_max_p99_ms)
-    summary["gate"] = gate if cancel_mode else []
-    summary["passed"] = not summary["gate"] if cancel_mode else None
-    return summary

@@ -149,14 +149,15 @@ def judge_workflow(
     >>> judge_workflow([job, {**job, "outcome": "skipped"}], never_ran, Deadlines())
     (True, '2 jobs stopped (cooperative, skipped), callback never ran')
     >>> judge_workflow([job, {"state": "SUCCESS", "outcome": None}], never_ran, Deadlines())[1]
-    'job 2 of 2: ended SUCCESS despite the cancel (outcome None)'
+    'job 2 of 2: ended SUCCESS despite the cancel (outcome None) (state SUCCESS, run None, None)'
     >>> judge_workflow([job], {"state": "SUCCESS", "started_at": "12:00"}, Deadlines())[1]
     'the callback ran (state SUCCESS)'
     """
     for number, job in enumerate(jobs, 1):
         ok, reason = judge_cancel(COOPERATIVE, job, deadlines, any_step=any_step)
         if not ok:
-            return False, f"job {number} of {len(jobs)}: {reason}"
+            seen = f"state {job.get('state')}, run {job.get('run_state')}, {job.get('signals')}"
+            return False, f"job {number} of {len(jobs)}: {reason} ({seen})"
     if callback.get("started_at") or callback.get("state") != "REVOKED":
         return False, f"the callback ran (state {callback.get('state')})"
     outcomes = ", ".join(sorted({job["outcome"] for job in jobs}))
