@@ -434,6 +434,12 @@ class Node:
         ``control.py``); the kill still proves the process runs this task first."""
         self._push("escalate_now", task_id)
 
+    def settle_never_sent(self, task_id: str, never_sent: list[str]) -> None:
+        """Main thread: ``task_id`` was cancelled before it could send ``never_sent`` (the
+        rest of its chain, its chord's body), which are stored ``REVOKED``: their pending
+        cancels (a cascade wrote them) are completed ``skipped``, for they never run."""
+        self._push("never_sent", task_id, never_sent, urgent=False)
+
     def run_failed(self, request: Request, error: str) -> None:
         """A run ended with an exception (or was killed: then it is already recorded)."""
         admission = self._admitted.get(request.id)
@@ -862,6 +868,10 @@ class Node:
         tracked.kill_after = 0.0  # a cancel delivered later is scheduled for a kill at once
         if tracked.kill_at is not None:
             tracked.kill_at = time.monotonic()
+
+    def _on_never_sent(self, _task_id: str, never_sent: list[str]) -> None:
+        for task_id in never_sent:
+            self._complete("cancels", Outcome.SKIPPED, task_id)
 
     def _on_terminate_backend(self, task_id: str, backend_pid: int) -> None:
         if self._db is not None:

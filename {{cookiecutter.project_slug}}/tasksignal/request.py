@@ -86,15 +86,23 @@ class SignalAwareRequest(Request):
         last header task ended, store a ``ChordError`` FAILURE for the body, which a
         caller reads as a crash (celery #10526). Instead each of them is stored
         ``REVOKED`` now, so whoever waits on the workflow's result learns at once, and
-        the revoke is not counted: the body is never sent.
+        the revoke is not counted: the body is never sent. Their pending cancels (written
+        by a cascade) are completed ``skipped``.
         """
         # celery-types leaves out Request's private members used here.
         context = self._context  # type: ignore[attr-defined]
-        never_sent = [*(context.chain or ()), *([context.chord] if context.chord else [])]
-        for sig in never_sent:
-            for task_id in lineage.signature_ids(signature(sig, app=self.task.app)):
-                self.task.backend.mark_as_revoked(
-                    task_id, f"never sent: task {self.id} before it was {reason}"
-                )
+        signatures = [*(context.chain or ()), *([context.chord] if context.chord else [])]
+        never_sent = [
+            task_id
+            for sig in signatures
+            for task_id in lineage.signature_ids(signature(sig, app=self.task.app))
+        ]
+        for task_id in never_sent:
+            self.task.backend.mark_as_revoked(
+                task_id, f"never sent: task {self.id} before it was {reason}"
+            )
+        node = nodes.current()
+        if never_sent and node is not None:
+            node.settle_never_sent(self.id, never_sent)
         context.chord = None
         self._announce_revoked(reason, False, None, False)  # type: ignore[attr-defined]

@@ -92,6 +92,19 @@ def test_cascade_over_a_chord_never_runs_the_body_and_revokes_its_result(worker,
 
 
 @pytest.mark.worker
+def test_a_cascade_completes_the_cancel_of_a_chord_body_that_is_never_sent(worker, tmp_path):
+    marker = tmp_path / "header"
+    header = [tasks.mark_and_wait.si(str(marker)) for _ in range(2)]
+    result = chord(header, tasks.mark_and_wait.si(str(tmp_path / "body"), 0)).delay()
+    wait_for(lambda: len(lines(marker)) == 2, 15, "the chord's header to start")
+    cancel_result(result)
+    wait_all_stopped(r.id for r in result.parent.results)
+    body = CeleryTaskSignal.objects.filter(task_id=result.id)
+    wait_for(lambda: body.filter(completed=True).exists(), 10, "the body's cancel to complete")
+    assert body.get().outcome == Outcome.SKIPPED, f"the body's cancel: {body.get().outcome}"
+
+
+@pytest.mark.worker
 def test_cascade_reaches_a_tree_three_levels_deep(worker, tmp_path):
     marker = tmp_path / "ran"
     root = tasks.fan_out.delay(str(marker), depth=2, width=2)
