@@ -205,10 +205,10 @@ class Node:
         self._orphans_settled = False
         self._requeued: set[str] = set()
         self._records_checked = False
-        #: Queued runs to look for in the broker after recovery (id: task name), and those
-        #: not found at the first look.
+        #: Queued runs to look for in the broker after recovery (id: task name); after the
+        #: first look, only those it did not find.
         self._lost_candidates: dict[str, str] = {}
-        self._lost_suspects: set[str] | None = None
+        self._lost_looked_once = False
         self._application = f"tasksignal node {hostname}"[:63]
         self._questions: dict[tuple[str, str], Question] = {}
         # Main thread -> node thread; the thread is woken only while it sleeps.
@@ -739,12 +739,12 @@ class Node:
         missing = {
             task_id: name for task_id, name in self._lost_candidates.items() if task_id not in held
         }
-        if self._lost_suspects is None:
-            self._lost_candidates, self._lost_suspects = missing, set(missing)
+        if not self._lost_looked_once:
+            self._lost_candidates, self._lost_looked_once = missing, True
             self._next["lost"] = now + LOST_RECHECK
             return
-        lost = list(self._lost_suspects & missing.keys())
-        self._lost_candidates, self._lost_suspects = {}, None
+        lost = list(missing)
+        self._lost_candidates, self._lost_looked_once = {}, False
         if not lost:
             return
         ((resend, skipped, _, _),) = self._execute(
