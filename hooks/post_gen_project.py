@@ -54,7 +54,7 @@ REMOVALS: Final = (
     ),
     Removal("use_flower", "n", ("bin/flower", "tests/test_flower.py")),
     Removal("use_sentry", "n", ("config/sentry.py", "tests/test_sentry.py")),
-    Removal("use_celery_beat", "n", ("bin/beat",)),
+    Removal("use_celery_beat", "n", ("bin/beat", "tests/test_beat.py")),
     Removal("ci_tool", "none", (".github",)),
     Removal(
         "include_demo_tasks",

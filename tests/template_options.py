@@ -179,7 +179,7 @@ PRESENT_WHEN: Final = (
     ("use_docker", "y", ("Dockerfile", "compose.yaml", ".dockerignore", "bin/compose-check")),
     ("use_flower", "y", ("bin/flower", "tests/test_flower.py")),
     ("use_sentry", "y", ("config/sentry.py", "tests/test_sentry.py")),
-    ("use_celery_beat", "y", ("bin/beat",)),
+    ("use_celery_beat", "y", ("bin/beat", "tests/test_beat.py")),
     ("ci_tool", "github", (".github/workflows/ci.yml", ".github/dependabot.yml")),
     ("include_demo_tasks", "y", ("demo", "loadtest", "bin/loadtest", "docs/loadtest.md")),
 )

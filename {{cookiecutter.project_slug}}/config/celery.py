@@ -1,13 +1,18 @@
 """The Celery application, configured from Django settings (``CELERY_*``).
 
-Workers start with ``celery -A config worker`` (see ``bin/worker``).
+Workers start with ``celery -A config worker`` (see ``bin/worker``){% if cookiecutter.use_celery_beat == "y" %}, beat with
+``celery -A config beat`` (``bin/beat``){% endif %}.
 """
 
 import os
+{%- if cookiecutter.use_celery_beat == "y" %}
+from functools import cached_property
+{%- endif %}
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery{% if cookiecutter.use_celery_beat == "y" %}, beat, platforms
+from celery.apps.beat import Beat{% endif %}
 from celery.signals import (
     after_task_publish,
     beat_init,
@@ -21,7 +26,44 @@ from tasksignal.node import NodeStep
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
+{%- if cookiecutter.use_celery_beat == "y" %}
+
+
+class GracefulBeat(Beat):
+    """``celery beat`` whose SIGTERM (or Ctrl-C) ends its loop and nothing more.
+
+    Celery's own handler closes the scheduler where the signal lands: the schedule file and
+    the broker connection. Landing while beat publishes a due task, it breaks that publish
+    (a ``SchedulingError`` is logged instead of the exit), beat ticks on over the closed
+    schedule file and exits 1. This handler only stops the service; the service saves and
+    closes the schedule on its way out of the loop, as after any other exit.
+    """
+
+    def install_sync_handler(self, service: beat.Service) -> None:
+        """Stop ``service`` on SIGTERM and SIGINT, interrupting whatever it waits for."""
+
+        def stop(_signum: int, _frame: object) -> None:
+            service.stop()
+            raise SystemExit()
+
+        platforms.signals.update(SIGTERM=stop, SIGINT=stop)
+
+
+class ProjectCelery(Celery):
+    """Celery's application with :class:`GracefulBeat` as what ``celery beat`` runs."""
+
+    @cached_property
+    def Beat(self) -> type[Beat]:
+        """The ``celery beat`` program, bound to this app."""
+        beat_class: type[Beat] = self.subclass_with_self(GracefulBeat)
+        return beat_class
+
+
+app = ProjectCelery("{{ cookiecutter.project_slug }}")
+{%- else %}
+
 app = Celery("{{ cookiecutter.project_slug }}")
+{%- endif %}
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # In each worker's main process: delivers signals to the pool, escalates, records runs.
