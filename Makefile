@@ -4,7 +4,8 @@
 #   make test-compose  only the compose test: the default bake's stack on a real Docker engine
 #   make docker-engine install the engine and plugins, build the base images, stop (warms caches)
 #   make docker-engine-clean  remove the engine's cache and data root (images, volumes)
-#   make demo        bake the default project, run web + worker natively, send it a task
+#   make demo        bake the default project, run web + worker natively, cancel a job of each
+#                    shape: the ladder in one table (and revoke(terminate=True) for contrast)
 #   make lint        ruff on the hooks, tests and scripts
 #   make lock        remake the lock files of every option set (scripts/lock.py; needs PyPI)
 #   make clean       remove .venv, .demo and caches

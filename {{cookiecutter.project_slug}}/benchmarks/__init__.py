@@ -14,7 +14,7 @@ benchmark          measures                                        baseline (sam
 =================  ==============================================  ==============================
 
 Each is the module of its name; ``python -m benchmarks`` finds every module here that
-defines ``NAME`` and ``run`` (``benchmarks.common.discover``): adding a benchmark is adding
+defines ``NAME`` and ``measure`` (``benchmarks.common.discover``): adding a benchmark is adding
 its file (``docs/benchmarks.md``, "Adding one").
 
 Run them from the project folder, with PostgreSQL and Redis up and the database migrated::

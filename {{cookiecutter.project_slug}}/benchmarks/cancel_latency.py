@@ -42,6 +42,7 @@ kill_after + 200 ms; every ladder trial ends with the expected outcome in the ri
 
 import os
 import signal as signal_module
+import sys
 import time
 
 import psutil
@@ -51,8 +52,16 @@ from benchmarks.common import fmt, target_cell
 from tasksignal.states import Outcome
 
 NAME = "cancel_latency"
+DESCRIPTION = "cancel to stop, per ladder step, vs revoke(terminate=True)"
 DEFAULTS = {"cooperative": 30, "interrupted": 20, "killed": 10, "revoke": 8, "revoke_gil_term": 2}
 QUICK = {"cooperative": 2, "interrupted": 2, "killed": 1, "revoke": 1, "revoke_gil_term": 1}
+SIZES_HELP = {
+    "cooperative": "trials of the cooperative step",
+    "interrupted": "trials of the interrupted step",
+    "killed": "trials of the killed step",
+    "revoke": "trials of each revoke(terminate=True) case",
+    "revoke_gil_term": "trials of SIGTERM on C code (each waits)",
+}
 COOPERATIVE_P99_MS = 50.0
 INTERRUPT_MARGIN_MS = 50.0
 KILL_MARGIN_MS = 200.0
@@ -202,22 +211,18 @@ def revoke_trial(client, worker, task, signal: str) -> dict:
     return trial
 
 
-def run(
+def measure(
     *,
     cooperative: int,
     interrupted: int,
     killed: int,
     revoke: int,
     revoke_gil_term: int,
-    quick: bool = False,
     output_dir=None,
-) -> dict:
-    """Run the benchmark, write its JSON and return it."""
-    common.setup()
+) -> common.Measured:
+    """Cancel tasks at each step of the ladder, then revoke(terminate=True) plain ones."""
     from benchmarks import tasks
 
-    started = time.monotonic()
-    environment = common.environment()
     client = common.redis_client()
     ladder = {
         Outcome.COOPERATIVE: (tasks.cooperative_loop, cooperative, 5.0),
@@ -336,31 +341,18 @@ def run(
         " interrupt), cleanup_to_completed is the rest of the cleanup (reaping subprocesses) and"
         " the row update.",
     ]
-    payload = common.result_payload(
-        NAME,
-        description="cancel to stop, per ladder step, vs revoke(terminate=True)",
-        quick=quick,
+    return common.Measured(
+        results,
+        targets,
+        notes,
+        common.worker_log_problems(log_path, expected=EXPECTED_LOG),
         parameters={
-            "cooperative": cooperative,
-            "interrupted": interrupted,
-            "killed": killed,
-            "revoke": revoke,
-            "revoke_gil_term": revoke_gil_term,
             "cancel_grace_s": tasks.CANCEL_GRACE,
             "kill_after_s": tasks.KILL_AFTER,
             "checkpoint_every_s": tasks.COOPERATIVE_STEP,
             "stop_timeout_s": STOP_TIMEOUT,
         },
-        results=results,
-        targets=targets,
-        notes=notes,
-        started=started,
-        environment_before=environment,
-        worker_log=common.worker_log_problems(log_path, expected=EXPECTED_LOG),
     )
-    path = common.write_result(NAME, payload, output_dir)
-    report(payload, path)
-    return payload
 
 
 def _count(values) -> dict:
@@ -437,21 +429,5 @@ def markdown(result: dict) -> list[str]:
     return rows
 
 
-def main(argv=None) -> dict:
-    """Command-line entry: ``python -m benchmarks.cancel_latency``."""
-    parser = common.argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--cooperative", type=int, help="trials of the cooperative step")
-    parser.add_argument("--interrupted", type=int, help="trials of the interrupted step")
-    parser.add_argument("--killed", type=int, help="trials of the killed step")
-    parser.add_argument("--revoke", type=int, help="trials of each revoke(terminate=True) case")
-    parser.add_argument(
-        "--revoke-gil-term", type=int, help="trials of SIGTERM on C code (each waits)"
-    )
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else DEFAULTS)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    return run(**sizes, quick=args.quick, output_dir=args.output_dir)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(sys.modules[__name__])

@@ -23,6 +23,7 @@ Targets: every header task stopped and the body never ran in every trial; chord 
 """
 
 import math
+import sys
 import time
 import uuid
 
@@ -30,8 +31,15 @@ from benchmarks import common
 from benchmarks.common import fmt, target_cell
 
 NAME = "cascade"
+DESCRIPTION = "cascade cancel of a chord, and the statements of a large cascade"
 DEFAULTS = {"chord_tasks": 100, "chord_trials": 10, "wide_tasks": 1000, "wide_trials": 5}
 QUICK = {"chord_tasks": 10, "chord_trials": 1, "wide_tasks": 100, "wide_trials": 1}
+SIZES_HELP = {
+    "chord_tasks": "tasks in each chord's header",
+    "chord_trials": "chords started and cancelled",
+    "wide_tasks": "descendants of the wide cascade",
+    "wide_trials": "wide cascades timed",
+}
 #: The chord's cancel must have stopped every task within this, p99.
 CHORD_P99_MS = 1000.0
 #: Seconds a chord trial waits for every cancel to be completed.
@@ -97,22 +105,18 @@ def wide_trial(size: int) -> dict:
     return {"ms": elapsed_ms, "statements": len(statements), "reached": row.reached}
 
 
-def run(
+def measure(
     *,
     chord_tasks: int,
     chord_trials: int,
     wide_tasks: int,
     wide_trials: int,
-    quick: bool = False,
     output_dir=None,
-) -> dict:
-    """Run the benchmark, write its JSON and return it."""
-    common.setup()
+) -> common.Measured:
+    """Cancel chords on a worker, then time cascades over recorded tasks."""
     from tasksignal.cascade import BATCH_SIZE
     from tasksignal.models import TaskLineage
 
-    started = time.monotonic()
-    environment = common.environment()
     client = common.redis_client()
     chords: list[dict] = []
     with common.benchmark_worker(NAME, output_dir, concurrency=WORKER_CONCURRENCY) as worker:
@@ -158,49 +162,40 @@ def run(
         " still queued when it is cancelled, and is skipped as the worker reaches it.",
         "The wide cascade's time is the caller's (Django ORM, local PostgreSQL), workers aside.",
     ]
-    payload = common.result_payload(
-        NAME,
-        description="cascade cancel of a chord, and the statements of a large cascade",
-        quick=quick,
-        parameters={
-            "chord_tasks": chord_tasks,
-            "chord_trials": chord_trials,
-            "wide_tasks": wide_tasks,
-            "wide_trials": wide_trials,
-            "batch_size": BATCH_SIZE,
-            "worker_concurrency": WORKER_CONCURRENCY,
-        },
-        results=results,
-        targets=targets,
-        notes=notes,
-        started=started,
-        environment_before=environment,
-        worker_log=common.worker_log_problems(log_path),
+    return common.Measured(
+        results,
+        targets,
+        notes,
+        common.worker_log_problems(log_path),
+        parameters={"batch_size": BATCH_SIZE, "worker_concurrency": WORKER_CONCURRENCY},
     )
-    path = common.write_result(NAME, payload, output_dir)
-    chord_figures = results["chord"]["latency_ms"]
+
+
+def report(payload: dict, path) -> None:
+    """Print the short table of a result."""
+    results, sizes = payload["results"], payload["parameters"]
+    chord_figures, wide_figures = results["chord"]["latency_ms"], results["wide"]["ms"]
     common.print_table(
         "Cascade",
         ["what", "p50", "p99", "n"],
         [
             (
-                f"chord of {chord_tasks}: cancel → last stopped (ms)",
+                f"chord of {sizes['chord_tasks']}: cancel → last stopped (ms)",
                 chord_figures["p50"],
                 chord_figures["p99"],
                 chord_figures["n"],
             ),
             (
-                f"cascade over {wide_tasks}: caller's time (ms)",
-                results["wide"]["ms"]["p50"],
-                results["wide"]["ms"]["p99"],
-                len(wides),
+                f"cascade over {sizes['wide_tasks']}: caller's time (ms)",
+                wide_figures["p50"],
+                wide_figures["p99"],
+                wide_figures["n"],
             ),
         ],
     )
-    print(f"  statements for {wide_tasks} tasks: {results['wide']['statements']}")
+    print(f"  statements for {sizes['wide_tasks']} tasks: {results['wide']['statements']}")
     common.print_targets(payload)
-    print(f"\nwritten: {path}")
-    return payload
+    print(f"  -> {path}")
 
 
 def markdown(result: dict) -> list[str]:
@@ -222,18 +217,5 @@ def markdown(result: dict) -> list[str]:
     ]
 
 
-def main(argv=None) -> dict:
-    """Command-line entry: ``python -m benchmarks.cascade``."""
-    parser = common.argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--chord-tasks", type=int, help="tasks in each chord's header")
-    parser.add_argument("--chord-trials", type=int, help="chords started and cancelled")
-    parser.add_argument("--wide-tasks", type=int, help="descendants of the wide cascade")
-    parser.add_argument("--wide-trials", type=int, help="wide cascades timed")
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else DEFAULTS)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    return run(**sizes, quick=args.quick, output_dir=args.output_dir)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(sys.modules[__name__])

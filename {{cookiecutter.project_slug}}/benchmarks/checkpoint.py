@@ -17,12 +17,13 @@ Target: a checkpoint costs at most 1 µs and at least 100 times less than ``is_a
     python -m benchmarks.checkpoint [--quick] [--rounds N] [--batches N] [--calls N] ...
 """
 
-import time
+import sys
 
 from benchmarks import common
 from benchmarks.common import fmt, target_cell
 
 NAME = "checkpoint"
+DESCRIPTION = "checkpoint() with nothing pending vs AbortableTask.is_aborted(), in-task"
 DEFAULTS = {
     "rounds": 6,
     "batches": 50,
@@ -31,26 +32,29 @@ DEFAULTS = {
     "aborted_calls": 200,
 }
 QUICK = {"rounds": 2, "batches": 3, "calls": 2_000, "aborted_batches": 3, "aborted_calls": 20}
+SIZES_HELP = {
+    "rounds": "rounds, each timing both tasks in turn",
+    "batches": "batches of checkpoint() calls per round",
+    "calls": "checkpoint() calls per batch",
+    "aborted_batches": "batches of is_aborted() per round",
+    "aborted_calls": "is_aborted() calls per batch",
+}
 MAX_CHECKPOINT_NS = 1000.0
 MIN_RATIO = 100.0
 
 
-def run(
+def measure(
     *,
     rounds: int,
     batches: int,
     calls: int,
     aborted_batches: int,
     aborted_calls: int,
-    quick: bool = False,
     output_dir=None,
-) -> dict:
-    """Run the benchmark, write its JSON and return it."""
-    common.setup()
+) -> common.Measured:
+    """Time both calls inside running tasks, round after round."""
     from benchmarks import tasks
 
-    started = time.monotonic()
-    environment = common.environment()
     checkpoint_batches: list[float] = []
     checkpoint_cpu: list[float] = []
     aborted_figures: list[float] = []
@@ -134,27 +138,7 @@ def run(
         "is_aborted() reads the task's state from the result backend (one Redis GET per call).",
         "Tasks alternate within each round; the spread across rounds shows the machine's noise.",
     ]
-    payload = common.result_payload(
-        NAME,
-        description="checkpoint() with nothing pending vs AbortableTask.is_aborted(), in-task",
-        quick=quick,
-        parameters={
-            "rounds": rounds,
-            "batches": batches,
-            "calls": calls,
-            "aborted_batches": aborted_batches,
-            "aborted_calls": aborted_calls,
-        },
-        results=results,
-        targets=targets,
-        notes=notes,
-        started=started,
-        environment_before=environment,
-        worker_log=common.worker_log_problems(log_path),
-    )
-    path = common.write_result(NAME, payload, output_dir)
-    report(payload, path)
-    return payload
+    return common.Measured(results, targets, notes, common.worker_log_problems(log_path))
 
 
 def report(payload: dict, path) -> None:
@@ -199,19 +183,5 @@ def markdown(result: dict) -> list[str]:
     ]
 
 
-def main(argv=None) -> dict:
-    """Command-line entry: ``python -m benchmarks.checkpoint``."""
-    parser = common.argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--batches", type=int, help="batches of checkpoint() calls per round")
-    parser.add_argument("--calls", type=int, help="checkpoint() calls per batch")
-    parser.add_argument("--aborted-batches", type=int, help="batches of is_aborted() per round")
-    parser.add_argument("--aborted-calls", type=int, help="is_aborted() calls per batch")
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else DEFAULTS)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    return run(**sizes, quick=args.quick, output_dir=args.output_dir)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(sys.modules[__name__])

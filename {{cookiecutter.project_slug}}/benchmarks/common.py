@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -73,11 +74,13 @@ def setup() -> str:
 
 
 def discover() -> dict[str, ModuleType]:
-    """Every benchmark of this folder, by name: each module that defines ``NAME`` and ``run``.
+    """Every benchmark of this folder, by name: each module that defines ``NAME`` and
+    ``measure``.
 
-    Adding a benchmark is adding such a file (beside them: ``DEFAULTS`` and ``QUICK``
-    sizes, ``report`` for its short table and ``markdown`` for the README's); nothing lists
-    them. Call :func:`setup` first: the module of the tasks imports Django.
+    Adding a benchmark is adding such a file (beside them: ``DESCRIPTION``, the ``DEFAULTS``
+    and ``QUICK`` sizes with a ``SIZES_HELP`` line each, ``report`` for its short table and
+    ``markdown`` for the README's); nothing lists them. Call :func:`setup` first: the module
+    of the tasks imports Django.
     """
     found = {}
     for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
@@ -85,7 +88,7 @@ def discover() -> dict[str, ModuleType]:
             continue
         module = importlib.import_module(f"benchmarks.{info.name}")
         if isinstance(getattr(module, "NAME", None), str) and callable(
-            getattr(module, "run", None)
+            getattr(module, "measure", None)
         ):
             found[module.NAME] = module
     return dict(sorted(found.items()))
@@ -100,6 +103,75 @@ def _check_migrated() -> None:
         raise SystemExit(
             "The database has unapplied migrations: run `python manage.py migrate` first."
         )
+
+
+@dataclass
+class Measured:
+    """What a benchmark's ``measure(**sizes, output_dir)`` returns: its figures, the targets
+    they are held to (:func:`target`), notes for the reader, the problems of its worker's log
+    (:func:`worker_log_problems`) and any fixed facts of its set-up worth recording beside
+    its sizes. :func:`run` turns it into the benchmark's JSON document."""
+
+    results: dict
+    targets: list[dict]
+    notes: list[str]
+    worker_log: dict
+    parameters: dict = field(default_factory=dict)
+
+
+def run(module: ModuleType, sizes: dict | None = None, *, quick: bool = False, output_dir=None):
+    """Run the benchmark ``module`` and return its JSON document, also written to
+    ``<output_dir>/<NAME>.json`` and printed as its short table (``module.report``).
+
+    Everything but the measuring is done here, the same for every benchmark: the set-up,
+    the machine's state before and after, the document and its file. ``sizes`` default to
+    the module's ``QUICK`` (with ``quick``) or ``DEFAULTS``.
+    """
+    setup()
+    sizes = dict(sizes if sizes is not None else module.QUICK if quick else module.DEFAULTS)
+    started = time.monotonic()
+    environment_before = environment()
+    measured = module.measure(**sizes, output_dir=output_dir)
+    payload = result_payload(
+        module.NAME,
+        description=module.DESCRIPTION,
+        quick=quick,
+        parameters={**sizes, **measured.parameters},
+        results=measured.results,
+        targets=measured.targets,
+        notes=measured.notes,
+        started=started,
+        environment_before=environment_before,
+        worker_log=measured.worker_log,
+    )
+    path = write_result(module.NAME, payload, output_dir)
+    module.report(payload, path)
+    return payload
+
+
+def main(module: ModuleType, argv: Sequence[str] | None = None) -> dict:
+    """The command line of one benchmark, ``python -m benchmarks.<name>``: ``--quick``,
+    ``--output-dir`` and an option a size of ``module.DEFAULTS`` (``--rounds 10``; a list
+    takes several values, a size that is on by default is turned off by ``--no-<size>``)."""
+    parser = argument_parser(module.__doc__.splitlines()[0])
+    for name, default in module.DEFAULTS.items():
+        option, help_text = name.replace("_", "-"), module.SIZES_HELP[name]
+        if isinstance(default, bool):
+            parser.add_argument(
+                f"--no-{option}",
+                dest=name,
+                action="store_false",
+                default=None,
+                help=f"leave out {help_text}",
+            )
+        elif isinstance(default, tuple | list):
+            parser.add_argument(f"--{option}", type=type(default[0]), nargs="+", help=help_text)
+        else:
+            parser.add_argument(f"--{option}", type=type(default), help=help_text)
+    args = parser.parse_args(argv)
+    sizes = dict(module.QUICK if args.quick else module.DEFAULTS)
+    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    return run(module, sizes, quick=args.quick, output_dir=args.output_dir)
 
 
 @contextlib.contextmanager

@@ -23,9 +23,10 @@ Figures per concurrency:
 Targets: ratio ≤ 1.10, at most 2 node connections, at most 10 connections opened per 1000
 tasks, at each concurrency.
 
-    python -m benchmarks.node_cost [--quick] [--concurrency N ...] [--rounds N]
+    python -m benchmarks.node_cost [--quick] [--concurrencies N ...] [--rounds N]
 """
 
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +35,15 @@ import psutil
 from benchmarks import common
 
 NAME = "node_cost"
+DESCRIPTION = "worker CPU per task and PostgreSQL connections, signal-aware vs plain"
 DEFAULTS = {"concurrencies": (2, 24, 64), "rounds": 4, "tasks_per_round": 64, "idle_s": 5.0}
 QUICK = {"concurrencies": (2,), "rounds": 1, "tasks_per_round": 4, "idle_s": 1.0}
+SIZES_HELP = {
+    "concurrencies": "worker concurrencies to measure at, one worker each",
+    "rounds": "rounds of each kind per concurrency",
+    "tasks_per_round": "at least this many tasks per round and kind",
+    "idle_s": "seconds the idle worker is watched",
+}
 MAX_RATIO = 1.10
 MAX_NODE_CONNECTIONS = 2
 MAX_OPENED_PER_1000 = 10
@@ -100,7 +108,7 @@ def _run_round(task, count: int, while_running=None) -> list[str]:
     return ids
 
 
-def measure(concurrency: int, *, rounds: int, tasks_per_round: int, idle_s: float, output_dir):
+def measure_at(concurrency: int, *, rounds: int, tasks_per_round: int, idle_s: float, output_dir):
     """Every figure of one concurrency; returns them with the ids of the tasks it ran."""
     from benchmarks import tasks
 
@@ -158,22 +166,18 @@ def measure(concurrency: int, *, rounds: int, tasks_per_round: int, idle_s: floa
     }, ids
 
 
-def run(
+def measure(
     *,
     concurrencies,
     rounds: int,
     tasks_per_round: int,
     idle_s: float,
-    quick: bool = False,
     output_dir=None,
-) -> dict:
-    """Run the benchmark at each concurrency, write its JSON and return it."""
-    common.setup()
-    started = time.monotonic()
-    environment = common.environment()
+) -> common.Measured:
+    """Measure at each concurrency in turn."""
     results, targets, ids, logs = {}, [], [], []
     for concurrency in concurrencies:
-        figures, run_ids = measure(
+        figures, run_ids = measure_at(
             concurrency,
             rounds=rounds,
             tasks_per_round=tasks_per_round,
@@ -208,27 +212,13 @@ def run(
         "node_connections.busy is sampled while every pool process runs a signal-aware task"
         " that opens no connection, so each session counted is the node's own.",
     ]
-    payload = common.result_payload(
-        NAME,
-        description="worker CPU per task and PostgreSQL connections, signal-aware vs plain",
-        quick=quick,
-        parameters={
-            "concurrencies": list(concurrencies),
-            "rounds": rounds,
-            "tasks_per_round": tasks_per_round,
-            "idle_s": idle_s,
-            "task_shape": "15 steps of 20 ms; checkpoint() and set_progress() each step",
-        },
-        results=results,
-        targets=targets,
-        notes=notes,
-        started=started,
-        environment_before=environment,
-        worker_log=worker_log,
+    return common.Measured(
+        results,
+        targets,
+        notes,
+        worker_log,
+        parameters={"task_shape": "15 steps of 20 ms; checkpoint() and set_progress() each step"},
     )
-    path = common.write_result(NAME, payload, output_dir)
-    report(payload, path)
-    return payload
 
 
 def report(payload: dict, path) -> None:
@@ -255,17 +245,5 @@ def report(payload: dict, path) -> None:
     print(f"  -> {path}")
 
 
-def main(argv=None) -> dict:
-    """Command-line entry: ``python -m benchmarks.node_cost``."""
-    parser = common.argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", dest="concurrencies")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--tasks-per-round", type=int, help="at least this many, per kind")
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else DEFAULTS)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    return run(**sizes, quick=args.quick, output_dir=args.output_dir)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(sys.modules[__name__])

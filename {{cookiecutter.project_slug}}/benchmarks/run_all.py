@@ -19,11 +19,9 @@ def run_all(names=None, *, quick: bool = False, output_dir=None) -> dict[str, di
     benchmarks = common.discover()
     results: dict[str, dict | None] = {}
     for name in names or benchmarks:
-        module = benchmarks[name]
-        sizes = dict(module.QUICK if quick else module.DEFAULTS)
         print(f"\n== {name} {'(quick) ' if quick else ''}==", flush=True)
         try:
-            results[name] = module.run(**sizes, quick=quick, output_dir=output_dir)
+            results[name] = common.run(benchmarks[name], quick=quick, output_dir=output_dir)
         except Exception:
             traceback.print_exc()
             results[name] = None

@@ -29,6 +29,7 @@ Target: signal-aware throughput at least 0.95 of the plain task's (main measurem
 """
 
 import re
+import sys
 import time
 
 import psutil
@@ -37,8 +38,15 @@ from benchmarks import common
 from benchmarks.common import fmt, target_cell
 
 NAME = "throughput"
+DESCRIPTION = "no-op SignalAwareTask vs plain Celery task throughput, prefork concurrency 2"
 DEFAULTS = {"rounds": 6, "tasks": 500, "warmup": 100, "records_off": True}
 QUICK = {"rounds": 2, "tasks": 20, "warmup": 4, "records_off": True}
+SIZES_HELP = {
+    "rounds": "rounds, each running both kinds in turn",
+    "tasks": "tasks of each kind per round",
+    "warmup": "tasks of each kind before measuring",
+    "records_off": "the second measurement, on a worker that records no runs",
+}
 MIN_RATIO = 0.95
 KINDS = ("signal_aware", "plain")
 SUCCEEDED = re.compile(r"\[(?P<id>[0-9a-f-]{36})\] succeeded in (?P<seconds>[0-9.e-]+)s")
@@ -108,7 +116,7 @@ def _cpu_used(before: dict, after: dict) -> dict[str, float | None]:
     return used
 
 
-def measure(worker, task_of: dict, *, rounds: int, tasks: int, warmup: int) -> dict:
+def measure_phase(worker, task_of: dict, *, rounds: int, tasks: int, warmup: int) -> dict:
     """Alternating rounds of each kind on ``worker``; return rates, ids and CPU per round."""
     figures = {
         "rates": {kind: [] for kind in KINDS},
@@ -169,28 +177,24 @@ def _phase_results(figures: dict, rounds: int) -> dict:
     }
 
 
-def run(
+def measure(
     *,
     rounds: int,
     tasks: int,
     warmup: int,
     records_off: bool = True,
-    quick: bool = False,
     output_dir=None,
-) -> dict:
-    """Run the benchmark, write its JSON and return it."""
-    common.setup()
+) -> common.Measured:
+    """Measure on a worker, then (``records_off``) on one that records no runs."""
     from django.conf import settings
 
     from benchmarks import tasks as bench_tasks
     from tasksignal.models import TaskRun
 
-    started = time.monotonic()
-    environment = common.environment()
     task_of = {"signal_aware": bench_tasks.noop_signal_aware, "plain": bench_tasks.noop_plain}
     sizes = {"rounds": rounds, "tasks": tasks, "warmup": warmup}
     with common.benchmark_worker(NAME, output_dir) as worker:
-        main = measure(worker, task_of, **sizes)
+        main = measure_phase(worker, task_of, **sizes)
     log_path = worker.log_path
     # The worker has stopped: every run record it had queued is written (or lost).
     records_written = TaskRun.objects.filter(task_id__in=main["ids"]["signal_aware"]).count()
@@ -214,10 +218,8 @@ def run(
         else None
     )
     results["run_records"] = {
-        "enabled": environment["tasksignal_record_runs"],
-        "expected": len(main["ids"]["signal_aware"])
-        if environment["tasksignal_record_runs"]
-        else 0,
+        "enabled": settings.TASKSIGNAL_RECORD_RUNS,
+        "expected": len(main["ids"]["signal_aware"]) if settings.TASKSIGNAL_RECORD_RUNS else 0,
         "written": records_written,
     }
     plain_base = type(bench_tasks.noop_plain).__mro__[1]
@@ -229,7 +231,7 @@ def run(
         name = f"{NAME}-records-off"
         off_env = {"TASKSIGNAL_RECORD_RUNS": "False"}
         with common.benchmark_worker(name, output_dir, env=off_env) as off_worker:
-            off = measure(off_worker, task_of, **sizes)
+            off = measure_phase(off_worker, task_of, **sizes)
         common.delete_records(off["ids"]["signal_aware"] + off["warmup_ids"])
         results["records_off"] = _phase_results(off, rounds)
         off_log = common.worker_log_problems(off_worker.log_path)
@@ -257,26 +259,7 @@ def run(
             "Target missed: compare records_off (no run records) and cpu_ms_per_1000_tasks to"
             " see whether the run records or the per-task begin and end cost the difference."
         )
-    payload = common.result_payload(
-        NAME,
-        description="no-op SignalAwareTask vs plain Celery task throughput, prefork concurrency 2",
-        quick=quick,
-        parameters={
-            "rounds": rounds,
-            "tasks_per_round": tasks,
-            "warmup": warmup,
-            "records_off_phase": records_off,
-        },
-        results=results,
-        targets=targets,
-        notes=notes,
-        started=started,
-        environment_before=environment,
-        worker_log=worker_log,
-    )
-    path = common.write_result(NAME, payload, output_dir)
-    report(payload, path)
-    return payload
+    return common.Measured(results, targets, notes, worker_log)
 
 
 def _worker_runtimes(log_text: str) -> dict[str, float]:
@@ -366,24 +349,5 @@ def markdown(result: dict) -> list[str]:
     return rows
 
 
-def main(argv=None) -> dict:
-    """Command-line entry: ``python -m benchmarks.throughput``."""
-    parser = common.argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--tasks", type=int, help="tasks of each kind per round")
-    parser.add_argument("--warmup", type=int, help="tasks of each kind before measuring")
-    parser.add_argument(
-        "--no-records-off",
-        dest="records_off",
-        action="store_false",
-        default=None,
-        help="skip the second measurement without run records",
-    )
-    args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else DEFAULTS)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    return run(**sizes, quick=args.quick, output_dir=args.output_dir)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(sys.modules[__name__])

@@ -445,7 +445,7 @@ def write_runs() -> str:
             RETURNING {_completed_columns(s)}
         ), created AS (
             INSERT INTO {n["table"]} ({columns}, {n["updated_at"]})
-            SELECT r.task_id, r.task_name, COALESCE(r.state, 'running'), r.worker, r.pid,
+            SELECT r.task_id, r.task_name, COALESCE(r.state, '{RunState.RUNNING}'), r.worker, r.pid,
                 r.started_at, r.finished_at, r.progress_current, r.progress_total,
                 COALESCE(r.progress_message, ''), COALESCE(r.error, ''), statement_timestamp()
             FROM {_unnest_runs("new_")}
