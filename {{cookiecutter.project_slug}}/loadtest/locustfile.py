@@ -209,16 +209,11 @@ class ApiUser(FastHttpUser):
                 return status, data
             gevent.sleep(0.5)
 
-    def read_until_finished(self, task_id: str, give_up: float, stopped: bool = False) -> dict:
-        """The task's document once it finished, or as it is when ``give_up`` passes. With
-        ``stopped``, once its cancel's outcome is written too: a stopped task's ``REVOKED``
-        is stored a moment before its worker node completes the cancel."""
+    def read_until_finished(self, task_id: str, give_up: float) -> dict:
+        """The task's document once it finished (a stopped task: with its cancel's outcome),
+        or as it is when ``give_up`` passes."""
         answer: dict = {}
-        while time.monotonic() < give_up:
-            if answer.get("finished"):
-                if not stopped or answer.get("outcome") or answer.get("state") != "REVOKED":
-                    break
-                gevent.sleep(0.05)
+        while time.monotonic() < give_up and not answer.get("finished"):
             left = max(give_up - time.monotonic(), 0.1)
             path = f"{TASKS}{task_id}/?wait={left:.1f}"
             _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
@@ -322,7 +317,7 @@ class CancelStormUser(ApiUser):
             honoured, reason = False, f"the cascade cancel failed, HTTP {status}"
         else:
             give_up = sent + STORM.deadlines.longest(WORKFLOW.step)
-            jobs = [self.read_until_finished(job, give_up, stopped=True) for job in ids["jobs"]]
+            jobs = [self.read_until_finished(job, give_up) for job in ids["jobs"]]
             callback = self.read_until_finished(ids["callback"], give_up)
             honoured, reason = verdict.judge_workflow(
                 jobs, callback, STORM.deadlines, any_step=bool(STORM.options.storm_faults)

@@ -302,7 +302,10 @@ class TaskOut(Schema):
     task: str | None
     state: str = Field(description="Celery's state (PENDING while queued or running)")
     run_state: str | None = Field(description="the run record's state, if it has one")
-    finished: bool
+    finished: bool = Field(
+        description="it succeeded, failed or stopped; a stopped task once its cancel's outcome"
+        " is written"
+    )
     result: Any = Field(description="the return value, once SUCCESS")
     error: str | None
     outcome: str | None = Field(description="how the latest cancel was met")
@@ -699,12 +702,16 @@ def read_status(task_id: str) -> dict[str, Any]:
         raise _unknown_task(task_id)
     cancels = [row for row in signals if row["signal"] == CANCEL_TASK]
     cancel = cancels[-1] if cancels else None
+    ended = run_state in RunState.FINISHED or state in states.READY_STATES
+    # A stopped task stores REVOKED a moment before its node completes the cancel: it is
+    # finished once the cancel's outcome is written, so that a reader gets both at once.
+    stopping = state == states.REVOKED and cancel is not None and cancel["completed_at"] is None
     return {
         "id": task_id,
         "task": name,
         "state": state,
         "run_state": run_state,
-        "finished": run_state in RunState.FINISHED or state in states.READY_STATES,
+        "finished": ended and not stopping,
         "result": result,
         "error": error or None,
         "outcome": cancel["outcome"] if cancel else None,

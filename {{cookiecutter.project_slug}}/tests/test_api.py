@@ -245,6 +245,22 @@ def test_status_reports_the_cancel_outcome_and_its_latency_from_the_database_clo
     ], body["signals"]
 
 
+def test_a_stopped_task_has_finished_only_once_its_cancel_outcome_is_written(api, run):
+    cancel = CeleryTaskSignal.objects.cancel(run.task_id)
+    # The stopped task stores REVOKED first; its node completes the cancel a moment later.
+    current_app.backend.store_result(run.task_id, None, "REVOKED")
+    try:
+        stopping = expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
+        CeleryTaskSignal.objects.filter(pk=cancel.pk).complete(Outcome.COOPERATIVE)
+        stopped = expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
+    finally:
+        current_app.backend.forget(run.task_id)
+    assert (stopping["state"], stopping["finished"]) == ("REVOKED", False), (
+        f"finished before the cancel's outcome was written: {stopping}"
+    )
+    assert (stopped["finished"], stopped["outcome"]) == (True, Outcome.COOPERATIVE), stopped
+
+
 def test_status_says_paused_when_the_run_is_paused(api, run):
     TaskRun.objects.filter(pk=run.pk).update(state=TaskRun.State.PAUSED)
     body = expect(api.get(f"/api/tasks/{run.task_id}/"), 200)
