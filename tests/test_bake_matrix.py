@@ -194,6 +194,44 @@ def test_no_demo_tests_ship_without_the_demo_app(no_demo_baked: Bake) -> None:
     assert not demo_tests, f"demo tests left without the demo app: {demo_tests}"
 
 
+def _layout_names(readme: str) -> list[str]:
+    """Return the paths named by the README's layout block.
+
+    Top-level entries, and under a folder its entries indented by two (``broker.py,
+    results.py`` names two); continuation lines, indented further, name nothing.
+    """
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    names, folder = [], ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        first_column = line.strip().split("  ", 1)[0]
+        if not first_column or indent > 2:
+            continue
+        if indent == 0:
+            folder = first_column if first_column.endswith("/") else ""
+        for name in first_column.split(", "):
+            names.append(name if indent == 0 else folder + name)
+    return names
+
+
+def test_the_readme_layout_names_only_files_that_exist(baked: Bake) -> None:
+    names = _layout_names((baked.path / "README.md").read_text(encoding="utf-8"))
+    missing = [name for name in names if not list(baked.path.glob(name.rstrip("/")))]
+    assert names, "the README has no layout block"
+    assert not missing, f"the README's layout names what this bake does not have: {missing}"
+
+
+def test_the_readme_layout_names_every_module_of_the_tasksignal_app(baked: Bake) -> None:
+    named = _layout_names((baked.path / "README.md").read_text(encoding="utf-8"))
+    covered = {path for name in named for path in baked.path.glob(name.rstrip("/"))}
+    unnamed = [
+        module.name
+        for module in sorted((baked.path / "tasksignal").glob("*.py"))
+        if module not in covered and module.name not in ("__init__.py", "apps.py")
+    ]
+    assert not unnamed, f"the README's layout leaves out tasksignal modules: {unnamed}"
+
+
 def test_env_file_gets_fresh_secrets_and_private_permissions(baked: Bake) -> None:
     env_file = baked.project / ".env"
     assert env_file.is_file(), ".env was not generated from .env.example"
