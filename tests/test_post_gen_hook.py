@@ -67,6 +67,7 @@ def test_every_option_turned_off_removes_its_files(post_gen: ModuleType) -> None
         "config/sentry.py",
         "tests/test_sentry.py",
         "bin/beat",
+        "tests/test_beat.py",
         ".github",
         "demo",
         "loadtest",
