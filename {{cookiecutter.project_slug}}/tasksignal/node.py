@@ -784,6 +784,19 @@ class Node:
             if not cursor.nextset():
                 return rows
 
+    def _execute_prepared(
+        self, commands: list[str], statement: str, params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """Run ``commands`` (``LISTEN``, ``UNLISTEN``: they take no parameters), then
+        ``statement`` as a prepared statement, in one pipeline: one round trip. Returns the
+        statement's rows."""
+        with self._db.pipeline():
+            for command in commands:
+                self._db.execute(command)
+            cursor = self._db.execute(statement, params, prepare=True)
+        self._maybe_notified = True  # the server may have sent some with its answers
+        return cursor.fetchall()
+
     @staticmethod
     def _channel(task_id: str) -> str:
         return f'"{notify.signal_channel(task_id)}"'  # a hash in hex: nothing to escape
@@ -839,12 +852,9 @@ class Node:
         self._tracked[task_id] = tracked
         if self._db is None:
             return None  # unchecked: followed, listened to and reconciled on reconnect
-        admit = sql.admit_task().replace("{task_id}", psql.quote(task_id, self._db))
-        admit = admit.replace("{done_channel}", psql.quote(self.done_channel, self._db))
-        quoted = ", ".join(psql.quote(ancestor, self._db) for ancestor in ancestors)
-        admit = admit.replace("{ancestors}", f"ARRAY[{quoted}]::text[]")
-        statements = [f"LISTEN {self._channel(task_id)}", *self._unlisten_statements()]
-        rows = self._execute("; ".join([*statements, admit]))
+        commands = [f"LISTEN {self._channel(task_id)}", *self._unlisten_statements()]
+        params = {"task_id": task_id, "ancestors": ancestors, "done_channel": self.done_channel}
+        rows = self._execute_prepared(commands, sql.admit_task(), params)
         self._listening.add(task_id)
         if any(kind == CANCEL_TASK for _, kind, _, _, _ in rows):
             del self._tracked[task_id]
