@@ -626,6 +626,11 @@ class Node:
         # (and Django's adapters map makes each of its statements cost three times the CPU).
         params.pop("cursor_factory", None)
         params.pop("context", None)
+        if "prepare_threshold" not in connections["default"].settings_dict["OPTIONS"]:
+            # Django turns psycopg's prepared statements off unless OPTIONS asks (a pgbouncer
+            # in transaction mode cannot keep them); the node prepares its admission, which
+            # runs once a task, unless your OPTIONS say otherwise.
+            params.pop("prepare_threshold", None)
         try:
             self._db = psycopg.connect(
                 **params, autocommit=True, application_name=self._application
