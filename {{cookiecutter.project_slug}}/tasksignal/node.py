@@ -964,10 +964,6 @@ class Node:
             tracked.cancel_created = now - max(0.0, payload.get("age") or 0.0)
             if tracked.started is not None:
                 self._schedule_escalation(tracked, now)
-            else:
-                # Begun since the node last looked at its mailbox? Then the grace counts
-                # from now (_on_run_began schedules it), not from the next look.
-                self._poll_mailbox(tracked)
 
     def _schedule_escalation(self, tracked: Tracked, now: float) -> None:
         # The grace counts from when the run could first see the cancel; kill_after from
