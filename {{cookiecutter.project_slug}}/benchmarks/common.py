@@ -119,16 +119,22 @@ class Measured:
     parameters: dict = field(default_factory=dict)
 
 
-def run(module: ModuleType, sizes: dict | None = None, *, quick: bool = False, output_dir=None):
+def run(
+    module: ModuleType,
+    overrides: dict | None = None,
+    *,
+    quick: bool = False,
+    output_dir: Path | None = None,
+) -> dict:
     """Run the benchmark ``module`` and return its JSON document, also written to
     ``<output_dir>/<NAME>.json`` and printed as its short table (``module.report``).
 
     Everything but the measuring is done here, the same for every benchmark: the set-up,
-    the machine's state before and after, the document and its file. ``sizes`` default to
-    the module's ``QUICK`` (with ``quick``) or ``DEFAULTS``.
+    the machine's state before and after, the document and its file. The sizes are the
+    module's ``QUICK`` (with ``quick``) or ``DEFAULTS``, with ``overrides`` over them.
     """
     setup()
-    sizes = dict(sizes if sizes is not None else module.QUICK if quick else module.DEFAULTS)
+    sizes = {**(module.QUICK if quick else module.DEFAULTS), **(overrides or {})}
     vacuum()
     started = time.monotonic()
     environment_before = environment()
@@ -182,9 +188,8 @@ def main(module: ModuleType, argv: Sequence[str] | None = None) -> dict:
         else:
             parser.add_argument(f"--{option}", type=type(default), help=help_text)
     args = parser.parse_args(argv)
-    sizes = dict(module.QUICK if args.quick else module.DEFAULTS)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    return run(module, sizes, quick=args.quick, output_dir=args.output_dir)
+    overrides = {k: v for k, v in vars(args).items() if k in module.DEFAULTS and v is not None}
+    return run(module, overrides, quick=args.quick, output_dir=args.output_dir)
 
 
 @contextlib.contextmanager

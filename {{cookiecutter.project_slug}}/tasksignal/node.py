@@ -67,7 +67,6 @@ from celery.worker import state as worker_state
 from celery.worker.components import Pool
 from celery.worker.control import inspect_command
 from django.db import connections
-from psycopg import sql as psql
 
 from tasksignal import board as boards
 from tasksignal import broker, conf, lineage, notify, results, sql
@@ -776,9 +775,7 @@ class Node:
             with contextlib.suppress(*DATABASE_ERRORS):
                 db.close()
 
-    def _execute(
-        self, statement: psql.Composed | psql.SQL | str, params: Any = None
-    ) -> list[tuple[Any, ...]]:
+    def _execute(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run ``statement`` on the node's connection; return the rows of its last result."""
         cursor = self._db.execute(statement, params)
         self._maybe_notified = True  # the server may have sent some with its answer
