@@ -70,12 +70,23 @@ app.autodiscover_tasks()
 app.steps["worker"].add(NodeStep)
 
 
+#: A task's own sends ride out a Redis restart of up to about 20 s (Celery's default gives
+#: up after 0.6 s).
+WORKER_PUBLISH_RETRY = {
+    "max_retries": 20,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
+}
+
+
 @worker_init.connect
 def retry_result_writes(sender: Any = None, **_kwargs: object) -> None:
-    """In a worker, keep trying to store a result while Redis is away (see the settings),
-    so a task that ran does not end FAILURE for a Redis restart; the web answers 503 at
-    once instead."""
+    """In a worker, keep trying to store a result, and to send the tasks a task starts (a
+    workflow's chord), while Redis is away (see the settings), so a task that ran does not
+    end FAILURE for a Redis restart; the web answers 503 at once instead."""
     sender.app.conf.result_backend_always_retry = True
+    sender.app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY
 
 
 @task_prerun.connect
