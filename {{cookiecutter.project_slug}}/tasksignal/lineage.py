@@ -29,17 +29,23 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from celery import signature
 from celery._state import get_current_task
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
 from tasksignal import sql
 from tasksignal.states import LINEAGE_HEADER
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a running task's send waits for PostgreSQL to take its lineage rows.
+RECORD_PATIENCE = 20.0
+#: Seconds between two tries of those rows.
+RECORD_RETRY_INTERVAL = 0.5
 
 
 def ancestors_of(request: Any) -> list[str]:
@@ -129,16 +135,29 @@ def on_publish(
 def record(rows: list[tuple[str, list[str]]]) -> None:
     """Write lineage rows, one statement; a task recorded before keeps its first row.
 
-    A failure is logged, not raised, outside a transaction: the task is still published,
-    and its header still lets a cascade reach it at admission.
+    Sent by a running task (a workflow sending its chord), the write waits out a
+    PostgreSQL restart of up to :data:`RECORD_PATIENCE` seconds, as the send itself waits
+    out a Redis restart (``config/celery.py``): without its rows, the API does not know the
+    tasks until a node admits them. A write that still fails is logged, not raised, outside
+    a transaction: the task is still published, and its header still lets a cascade reach
+    it at admission.
     """
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql.insert_lineage(), [json.dumps(rows)])
-    except DatabaseError:
-        if connection.in_atomic_block:
-            raise
-        logger.warning("could not record the lineage of %s", rows[0][0], exc_info=True)
+    give_up = time.monotonic() + (RECORD_PATIENCE if get_current_task() else 0.0)
+    while True:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql.insert_lineage(), [json.dumps(rows)])
+            return
+        except DatabaseError as exc:
+            if connection.in_atomic_block:
+                raise
+            if not isinstance(exc, OperationalError | InterfaceError) or (
+                time.monotonic() >= give_up
+            ):
+                logger.warning("could not record the lineage of %s", rows[0][0], exc_info=True)
+                return
+        connection.close()  # the server went away: the next try connects again
+        time.sleep(RECORD_RETRY_INTERVAL)
 
 
 def connect() -> None:

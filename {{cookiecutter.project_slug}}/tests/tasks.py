@@ -267,3 +267,13 @@ def spawn_later(self, log: str, marker: str, delay: float = 1.0) -> str:
     child = mark_and_wait.delay(marker, 5.0)
     _append(log, child.id)
     return child.id
+
+
+@shared_task(bind=True)
+def send_child_on_cue(self, started: str, cue: str) -> str:
+    """A plain task that creates ``started``, waits for the file ``cue``, then sends a child
+    (which has a lineage: this task): a send at a moment the test chooses."""
+    Path(started).touch()
+    while not Path(cue).exists():
+        time.sleep(0.05)
+    return echo.delay("child").id

@@ -1,7 +1,12 @@
 """Cascades: a signal that reaches a task and everything it started, on real workers."""
 
+import os
+import subprocess
+import sys
+import time
 import uuid
 
+import psycopg
 import pytest
 from celery import chain, chord, group, states
 from celery.exceptions import TaskRevokedError
@@ -12,6 +17,7 @@ from tasksignal.cascade import BATCH_SIZE, cancel_result, descendants
 from tasksignal.models import CeleryTaskSignal, TaskLineage, TaskRun
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.states import Outcome, RunState
+from tasksignal.testing import PROJECT_DIR, PostgresServer
 from tests import tasks
 from tests.conftest import wait_for
 
@@ -225,3 +231,41 @@ def test_cascade_writes_one_statement_per_batch_not_one_per_task():
     assert signal.reached == tasks_count + 1
     pending = CeleryTaskSignal.objects.pending(signal=CANCEL_TASK)
     assert pending.filter(task_id__startswith=root, cascade=True).count() == tasks_count + 1
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL server of the test's own, migrated, so that the test may restart it."""
+    try:
+        server = PostgresServer()
+    except RuntimeError as exc:  # no server programs here
+        pytest.skip(str(exc))
+    with server:
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
+            cwd=PROJECT_DIR, env={**os.environ, "DATABASE_URL": server.url}, check=True,
+        )  # fmt: skip
+        yield server
+
+
+def test_a_task_sent_by_a_task_while_postgresql_restarts_still_gets_its_lineage(
+    private_postgres, make_worker, tmp_path
+):
+    worker = make_worker(concurrency=1, env={"DATABASE_URL": private_postgres.url})
+    started, cue = tmp_path / "started", tmp_path / "cue"
+    parent = tasks.send_child_on_cue.apply_async((str(started), str(cue)), queue=worker.queue)
+    wait_for(started.exists, 15, "the parent task to start")
+    private_postgres.stop()
+    cue.touch()  # the parent sends its child now, with PostgreSQL down
+    time.sleep(2)
+    private_postgres.start()
+    child_id = parent.get(timeout=30)
+    with psycopg.connect(private_postgres.url) as database:
+        row = database.execute(
+            "SELECT ancestors FROM tasksignal_tasklineage WHERE task_id = %s", [child_id]
+        ).fetchone()
+    assert row is not None, (
+        "the child sent during the restart has no lineage row: a cascade and the API know it "
+        "only once a node admits it"
+    )
+    assert row[0][-1] == parent.id, f"the child's lineage {row[0]} does not end with its parent"
