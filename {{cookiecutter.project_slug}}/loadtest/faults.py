@@ -326,6 +326,11 @@ def failures_of(summary: dict) -> list[str]:
     ...     "http_failures": 0, "honoured": 5}}, "audit": {"signals_pending": 0,
     ...     "signals_completed_without_outcome": 0, "runs_left_live": 0}, "restarts": []})
     []
+    >>> failures_of({"storm": {"counts": {"unhonoured": 0, "siblings_failed": 0,
+    ...     "http_failures": 2, "honoured": 5}, "failures": [{"count": 2, "error": "HTTP 500",
+    ...     "name": "GET /api/tasks/[id]/"}]}, "audit": {"signals_pending": 0,
+    ...     "signals_completed_without_outcome": 0, "runs_left_live": 0}, "restarts": []})
+    ['2 API answers neither 2xx nor 503 (most often 2 x GET /api/tasks/[id]/: HTTP 500)']
     """
     storm, found = summary.get("storm"), summary["audit"]
     if storm is None:
@@ -334,7 +339,10 @@ def failures_of(summary: dict) -> list[str]:
     # The plain storm's judgement, latency aside: an outage is in it.
     reasons = verdict.gate(counts, {}, math.inf)
     if counts["http_failures"]:
-        reasons.append(f"{counts['http_failures']} API answers neither 2xx nor 503")
+        reason = f"{counts['http_failures']} API answers neither 2xx nor 503"
+        if worst := next(iter(storm.get("failures", [])), None):  # the most frequent first
+            reason += f" (most often {worst['count']} x {worst['name']}: {worst['error']})"
+        reasons.append(reason)
     for key in ("signals_pending", "signals_completed_without_outcome", "runs_left_live"):
         if found.get(key) != 0:
             reasons.append(f"audit: {key} = {found.get(key, found.get('error'))}")

@@ -216,7 +216,9 @@ class ApiUser(FastHttpUser):
         while time.monotonic() < give_up and not answer.get("finished"):
             left = max(give_up - time.monotonic(), 0.1)
             path = f"{TASKS}{task_id}/?wait={left:.1f}"
-            _, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
+            status, answer = self.call_through_outages("GET", path, "GET /api/tasks/[id]/", give_up)
+            if status != 200:  # an error comes back at once: ask again in a moment
+                gevent.sleep(0.5)
         return answer
 
     def start_task(self, shape: Shape | None, task_name: str, kwargs: dict) -> str | None:
