@@ -70,7 +70,7 @@ from django.db import connections
 
 from tasksignal import board as boards
 from tasksignal import broker, conf, lineage, notify, results, sql
-from tasksignal.broker import guard_closed_channels
+from tasksignal.broker import guard_redis_transport
 from tasksignal.kill import kill_if_running
 from tasksignal.registry import CANCEL_TASK
 from tasksignal.runtime import BOARD_VARIABLE, INTERRUPT_SIGNAL
@@ -454,12 +454,11 @@ class Node:
         """Main thread, every ``MAIN_TICK``: runs that ended, answers overdue, kills to do."""
         self._watch_answers()
         self._expire_questions(time.monotonic())
-        reserved = worker_state.reserved_requests
         for task_id, admission in list(self._admitted.items()):
             # Celery drops a request from its reserved set when it ends (a failure or a
             # stop came through on_failure first, so this run succeeded), and also, on a
             # broker reconnection, every request that had not started: not an end.
-            if _ended(admission.request, reserved):
+            if _ended(admission.request):
                 self._end(task_id, RunState.SUCCEEDED)
         for task_id, observed in list(self._observed.items()):
             request = observed.request
@@ -470,7 +469,7 @@ class Node:
                     "observed", task_id, request.name, request.worker_pid, started, None,
                     urgent=False,
                 )  # fmt: skip
-            if _ended(request, reserved):
+            if _ended(request):
                 del self._observed[task_id]
                 backend = request.task.backend
                 self._push("observed", task_id, request.name, None, None, backend, urgent=False)
@@ -1131,11 +1130,33 @@ def records_parameters(
     return parameters
 
 
-def _ended(request: Request, reserved: set[Request]) -> bool:
-    """Whether Celery is done with ``request``: it left the reserved set, and not because a
-    broker reconnection emptied that set of the requests that had not started (those are
-    neither started nor acknowledged, and will run or come back)."""
-    return request not in reserved and (request.time_start is not None or request.acknowledged)
+def _ended(request: Request) -> bool:
+    """Whether Celery is done with ``request``: it is neither reserved nor active, and it
+    started or was acknowledged.
+
+    Celery's own end of a request (``task_ready``) drops it from both sets. A broker
+    reconnection empties the reserved set of the requests that were not active yet: those
+    that had not started (they will run or come back), and also one whose pool process
+    had begun it but whose acceptance the worker had not read yet; that one becomes active
+    afterwards, outside the reserved set, and is still running.
+
+    >>> from types import SimpleNamespace
+    >>> from celery.worker.consumer import Consumer
+    >>> class Request:  # what this function and Celery's worker state read of one
+    ...     id, name, time_start, acknowledged = "a-task-id", "a.task", None, False
+    >>> request = Request()
+    >>> worker_state.task_reserved(request)
+    >>> Consumer.on_close(SimpleNamespace(controller=None, task_buckets={}, timer=None, pool=None))
+    >>> worker_state.task_accepted(request); request.time_start = 1.0
+    >>> _ended(request)
+    False
+    >>> worker_state.task_ready(request)
+    >>> _ended(request)
+    True
+    """
+    if request in worker_state.reserved_requests or request in worker_state.active_requests:
+        return False
+    return request.time_start is not None or request.acknowledged
 
 
 def _nonblocking_pipe() -> tuple[int, int]:
@@ -1218,7 +1239,7 @@ class NodeStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         """Start the node's thread and the main thread's tick."""
-        guard_closed_channels()
+        guard_redis_transport()
         self.node.start(worker)
         self.tref = worker.timer.call_repeatedly(MAIN_TICK, self.node.main_tick)
 
