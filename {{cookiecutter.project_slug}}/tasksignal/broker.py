@@ -1,39 +1,58 @@
-"""A guard for Celery's Redis transport (kombu) that a worker node puts in place as it starts.
+"""Guards for Celery's Redis transport (kombu) that a worker node puts in place as it starts.
 
 When Redis goes away, Celery's consumer closes its broker connection and opens a new one.
-Two things still use a channel of the closed connection afterwards: kombu, while closing
-it, tries to put back the messages it delivered and that are not acknowledged yet; and a
-task that was running when Redis went away acknowledges its message on that channel when
-it ends. Either builds a Redis client from the closed connection and fails with an
-``AttributeError`` (``'NoneType' object has no attribute 'hostname'`` or ``'client'``),
-which Celery treats as unrecoverable: the whole worker exits on a Redis restart (seen in
-``make chaos``; the same failure as celery/kombu#582 and #970).
 
-The guard makes that case a connection error, which kombu and Celery already handle: the
-close goes on, the acknowledgement is logged as failed. Nothing is lost: those messages
-stay in the transport's unacknowledged set in Redis and come back once the visibility
-timeout passes; a task that comes back after it was cancelled is skipped at admission.
+Closed channels. Two things still use a channel of the closed connection afterwards:
+kombu, while closing it, tries to put back the messages it delivered and that are not
+acknowledged yet; and a task that was running when Redis went away acknowledges its
+message on that channel when it ends. Either builds a Redis client from the closed
+connection and fails with an ``AttributeError`` (``'NoneType' object has no attribute
+'hostname'`` or ``'client'``), which Celery treats as unrecoverable: the whole worker
+exits on a Redis restart (seen in ``make chaos``; the same failure as celery/kombu#582 and
+#970). The guard makes that case a connection error, which kombu and Celery already
+handle: the close goes on, the acknowledgement is logged as failed. Nothing is lost: those
+messages stay in the transport's unacknowledged set in Redis and come back once the
+visibility timeout passes; a task that comes back after it was cancelled is skipped at
+admission.
 
->>> guard_closed_channels()
->>> guard_closed_channels()  # idempotent
+Stranded messages. kombu takes a message from its queue (``BRPOP``) and then records it
+as unacknowledged (``HSET``): two commands. When Redis stops between the two, the message
+is in neither place, and only in this process, which drops it with the connection: a task
+the API accepted never runs (celery/kombu#305 and #593 report such losses; ``make chaos``
+caught one). The guard keeps such a message and puts it back at the head of its queue
+from the next channel this process opens, once Redis is back, unless its record did
+reach Redis (then kombu's own restore brings it back).
+
+>>> guard_redis_transport()
+>>> guard_redis_transport()  # idempotent
 >>> from kombu.transport import redis
->>> redis.Channel._connparams.tasksignal_guard
-True
+>>> redis.Channel._connparams.tasksignal_guard, redis.QoS.append.tasksignal_guard
+(True, True)
 """
 
 import functools
+import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from celery import Celery
 
+logger = logging.getLogger(__name__)
 
-def guard_closed_channels() -> None:
-    """Make a Redis channel of a closed connection raise a connection error, not crash."""
+#: Messages taken from Redis that could not be recorded as unacknowledged, each as
+#: ``(delivery tag, payload, exchange, routing key)``, until a channel puts them back.
+_stranded: list[tuple[str, Any, str, str]] = []
+_stranded_lock = threading.Lock()
+
+
+def guard_redis_transport() -> None:
+    """Make a Redis channel of a closed connection raise a connection error, not crash;
+    keep a message stranded between its ``BRPOP`` and its ``HSET`` and put it back."""
     import redis as redis_client
     from kombu.transport import redis
 
-    connparams = redis.Channel._connparams
+    connparams, append, init = redis.Channel._connparams, redis.QoS.append, redis.Channel.__init__
     if getattr(connparams, "tasksignal_guard", False):
         return
 
@@ -43,8 +62,53 @@ def guard_closed_channels() -> None:
             raise redis_client.ConnectionError("this channel's broker connection is closed")
         return connparams(self, *args, **kwargs)
 
+    @functools.wraps(append)
+    def append_or_keep(self: Any, message: Any, delivery_tag: str) -> None:
+        try:
+            append(self, message, delivery_tag)
+        except self.channel.connection_errors:
+            delivery = message.delivery_info
+            with _stranded_lock:
+                _stranded.append(
+                    (delivery_tag, message._raw, delivery["exchange"], delivery["routing_key"])
+                )
+            raise
+
+    @functools.wraps(init)
+    def init_and_put_back(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if _stranded:
+            _put_back_stranded(self)
+
     guarded.tasksignal_guard = True
+    append_or_keep.tasksignal_guard = True
     redis.Channel._connparams = guarded
+    redis.QoS.append = append_or_keep  # type: ignore[method-assign]
+    redis.Channel.__init__ = init_and_put_back  # type: ignore[method-assign]
+
+
+def _put_back_stranded(channel: Any) -> None:
+    """Push the stranded messages back to the head of their queues from ``channel`` (just
+    connected); a message whose unacknowledged record reached Redis is left to kombu."""
+    with _stranded_lock:
+        held, _stranded[:] = list(_stranded), []
+    try:
+        with channel.conn_or_acquire() as client:
+            recorded = client.pipeline()
+            for tag, *_message in held:  # HGET: kombu's client prefixes it, not HEXISTS
+                recorded.hget(channel.unacked_key, tag)
+            pipe = client.pipeline()
+            for (_tag, payload, exchange, routing_key), known in zip(
+                held, recorded.execute(), strict=True
+            ):
+                if known is None:
+                    channel._do_restore_message(payload, exchange, routing_key, pipe, True)
+            pipe.execute()
+    except channel.connection_errors:
+        with _stranded_lock:
+            _stranded[:0] = held  # still away: the next channel tries again
+        return
+    logger.warning("put back %d messages Redis handed over as it went away", len(held))
 
 
 def restore_unacknowledged(app: "Celery", task_ids: set[str]) -> int:

@@ -19,15 +19,19 @@ Servers of a test's own, for tests that stop and restart them (never the shared 
     with RedisServer(tmp_path) as redis_server, PostgresServer() as postgres:
         redis_server.restart(down_for=2.0)
         postgres.restart(down_for=2.0)
+
+and a proxy in front of one, for a network fault at an exact moment (:class:`TcpProxy`).
 """
 
 import contextlib
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -304,6 +308,97 @@ class PostgresServer(ThrowawayServer):
                     f"{self._bin}/pg_ctl", "-D", str(self.folder / "data"), "-m", "fast",
                     "-w", "stop",
                 )  # fmt: skip
+
+
+class TcpProxy:
+    """A TCP proxy on a spare loopback port in front of a server on ``upstream_port``.
+
+    Subclasses decide what passes, chunk by chunk as it arrives: :meth:`request` (client
+    to server) and :meth:`reply` (server to client) return ``False`` to hold a chunk back,
+    with everything after it in that direction of that connection; :meth:`replied` sees
+    each reply once it passed. :meth:`cut` closes every connection and refuses new ones,
+    as a server that went away, until :meth:`restore`::
+
+        with TcpProxy(redis_server.port) as proxy:
+            client = redis.Redis(port=proxy.port)
+            proxy.cut()  # the client's next command fails with a connection error
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.refusing = False
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def request(self, data: bytes) -> bool:
+        """Whether ``data``, sent by a client, passes to the server (by default: yes)."""
+        return True
+
+    def reply(self, data: bytes) -> bool:
+        """Whether ``data``, sent by the server, passes to its client (by default: yes)."""
+        return True
+
+    def replied(self, data: bytes) -> None:
+        """Called once ``data`` passed to a client."""
+
+    def cut(self) -> None:
+        """Close every connection; refuse new ones until :meth:`restore`."""
+        self.refusing = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        self.refusing = False
+
+    def close(self) -> None:
+        """Close every connection and stop listening."""
+        self.cut()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _address = self._listener.accept()
+                if self.refusing:
+                    client.close()
+                    continue
+                server = socket.create_connection(("127.0.0.1", self.upstream_port))
+                with self._lock:
+                    self._connections += [client, server]
+                for source, target, passes, passed in (
+                    (client, server, self.request, None),
+                    (server, client, self.reply, self.replied),
+                ):
+                    threading.Thread(
+                        target=self._pipe, args=(source, target, passes, passed), daemon=True
+                    ).start()
+
+    @staticmethod
+    def _pipe(
+        source: socket.socket,
+        target: socket.socket,
+        passes: Any,
+        passed: Any,
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while (data := source.recv(65536)) and passes(data):
+                target.sendall(data)
+                if passed is not None:
+                    passed(data)
 
 
 def _postgres_bin() -> str:

@@ -5,64 +5,41 @@ for the broker to accept a due task. Beat here talks to a Redis server of its ow
 a proxy that withholds Redis's reply to that publish, so the signal lands exactly then.
 """
 
-import contextlib
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 
 from tasksignal.processes import logs
-from tasksignal.testing import ProjectProcess, RedisServer, free_port
+from tasksignal.testing import ProjectProcess, RedisServer, TcpProxy
 
 #: What beat logs as it starts to publish a due task.
 SENDING = r"Sending due task tasksignal-sweep"
 
 
-class ReplyWithholdingProxy:
-    """A TCP proxy in front of Redis that stops passing Redis's replies once a client has
-    sent ``LPUSH`` (Celery's publish on Redis): the client then waits for its reply, as it
+class ReplyWithholdingProxy(TcpProxy):
+    """A proxy in front of Redis that stops passing Redis's replies once a client has sent
+    ``LPUSH`` (Celery's publish on Redis): the client then waits for its reply, as it
     would on a stalled network. ``withholding`` is set from that moment."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
         self.withholding = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._sockets: list[socket.socket] = [self._listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
     @property
     def url(self) -> str:
         """A Redis URL that reaches Redis through the proxy."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _address = self._listener.accept()
-                server = socket.create_connection(("127.0.0.1", self.upstream_port))
-                self._sockets += [client, server]
-                threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
-                threading.Thread(target=self._replies, args=(server, client), daemon=True).start()
+    def request(self, data: bytes) -> bool:
+        """Pass every request; note the first ``LPUSH``."""
+        if b"LPUSH" in data.upper():
+            self.withholding.set()
+        return True
 
-    def _requests(self, client: socket.socket, server: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := client.recv(65536):
-                if b"LPUSH" in data.upper():
-                    self.withholding.set()
-                server.sendall(data)
-
-    def _replies(self, server: socket.socket, client: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while (data := server.recv(65536)) and not self.withholding.is_set():
-                client.sendall(data)
-
-    def close(self) -> None:
-        """Close every connection and stop listening."""
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+    def reply(self, data: bytes) -> bool:
+        """Pass replies until a client sent ``LPUSH``."""
+        return not self.withholding.is_set()
 
 
 class BeatProcess(ProjectProcess):

@@ -2,12 +2,15 @@
 and despite missed notifications."""
 
 import shutil
+import threading
+import time
 import uuid
 from datetime import timedelta
 
 import psycopg
 import pytest
 from celery import Celery, current_app
+from celery.exceptions import TimeoutError as ResultTimeout
 from django.conf import settings
 from django.db import transaction
 from django.db.models.functions import Now
@@ -15,7 +18,7 @@ from django.db.models.functions import Now
 from tasksignal import notify
 from tasksignal.models import CeleryTaskSignal, TaskRun
 from tasksignal.states import Outcome, RunState
-from tasksignal.testing import RedisServer
+from tasksignal.testing import RedisServer, TcpProxy
 from tests import tasks
 from tests.conftest import database_url, wait_for, wait_until_completed, wait_until_running
 
@@ -293,3 +296,57 @@ def test_cancel_sent_while_redis_is_down_is_honoured_at_once(
             "tests.tasks.echo", args=("after restart",), queue=private_worker.queue
         ).get(timeout=30)
         assert answer == "after restart", "worker did not serve again after Redis came back"
+
+
+class GoneAfterHandingOver(TcpProxy):
+    """Redis as a worker sees it when Redis stops just after handing the worker the message
+    of task ``task_id`` (the ``BRPOP`` answer), before the worker records it as
+    unacknowledged: every connection is cut at the worker's next command (``gone``), and
+    refused until :meth:`restore`."""
+
+    def __init__(self, upstream_port: int, task_id: str) -> None:
+        self.marker = task_id.encode()
+        self.handed_over, self.gone = threading.Event(), threading.Event()
+        super().__init__(upstream_port)
+
+    @property
+    def url(self) -> str:
+        """A Redis URL that reaches Redis through the proxy."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def replied(self, data: bytes) -> None:
+        """Note when the task's message reached the worker."""
+        if self.marker in data:
+            self.handed_over.set()
+
+    def request(self, data: bytes) -> bool:
+        """Cut everything at the first command after the hand-over."""
+        if self.handed_over.is_set() and not self.gone.is_set():
+            self.gone.set()
+            self.cut()
+        return not self.refusing
+
+
+def test_a_task_redis_hands_over_as_it_goes_away_still_runs(
+    private_redis, make_worker, monkeypatch
+):
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
+    task_id = str(uuid.uuid4())
+    app = private_app(private_redis.url)  # the test itself reaches Redis directly
+    with GoneAfterHandingOver(private_redis.port, task_id) as proxy:
+        urls = {"REDIS_URL": proxy.url, "CELERY_BROKER_URL": proxy.url}
+        urls["CELERY_RESULT_BACKEND"] = proxy.url
+        with make_worker(concurrency=1, env=urls, app=app) as private_worker:
+            result = app.send_task(
+                "tests.tasks.echo", args=("handed over",), queue=private_worker.queue,
+                task_id=task_id,
+            )  # fmt: skip
+            assert proxy.gone.wait(15), "the worker never took the task's message"
+            time.sleep(3)  # Redis is away
+            proxy.restore()
+            try:
+                answer = result.get(timeout=30)
+            except ResultTimeout:
+                pytest.fail("the task Redis handed over as it went away never ran: lost")
+    assert answer == "handed over", f"the task returned {answer!r}"
