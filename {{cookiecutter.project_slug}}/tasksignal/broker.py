@@ -97,18 +97,20 @@ def _put_back_stranded(channel: Any) -> None:
             recorded = client.pipeline()
             for tag, *_message in held:  # HGET: kombu's client prefixes it, not HEXISTS
                 recorded.hget(channel.unacked_key, tag)
+            lost = [
+                message
+                for message, known in zip(held, recorded.execute(), strict=True)
+                if known is None
+            ]
             pipe = client.pipeline()
-            for (_tag, payload, exchange, routing_key), known in zip(
-                held, recorded.execute(), strict=True
-            ):
-                if known is None:
-                    channel._do_restore_message(payload, exchange, routing_key, pipe, True)
+            for _tag, payload, exchange, routing_key in lost:
+                channel._do_restore_message(payload, exchange, routing_key, pipe, True)
             pipe.execute()
     except channel.connection_errors:
         with _stranded_lock:
             _stranded[:0] = held  # still away: the next channel tries again
         return
-    logger.warning("put back %d messages Redis handed over as it went away", len(held))
+    logger.warning("put back %d messages Redis handed over as it went away", len(lost))
 
 
 def restore_unacknowledged(app: "Celery", task_ids: set[str]) -> int:

@@ -455,9 +455,9 @@ class Node:
         self._watch_answers()
         self._expire_questions(time.monotonic())
         for task_id, admission in list(self._admitted.items()):
-            # Celery drops a request from its reserved set when it ends (a failure or a
-            # stop came through on_failure first, so this run succeeded), and also, on a
-            # broker reconnection, every request that had not started: not an end.
+            # Celery drops a request from its reserved and active sets when it ends (a
+            # failure or a stop came through on_failure first, so this run succeeded); a
+            # broker reconnection empties only the reserved set (see _ended).
             if _ended(admission.request):
                 self._end(task_id, RunState.SUCCEEDED)
         for task_id, observed in list(self._observed.items()):

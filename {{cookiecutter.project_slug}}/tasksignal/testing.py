@@ -33,7 +33,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -311,7 +313,8 @@ class PostgresServer(ThrowawayServer):
 
 
 class TcpProxy:
-    """A TCP proxy on a spare loopback port in front of a server on ``upstream_port``.
+    """A TCP proxy on a spare loopback port in front of the loopback server of ``upstream``
+    (its URL); ``url`` is the same URL with the proxy's port.
 
     Subclasses decide what passes, chunk by chunk as it arrives: :meth:`request` (client
     to server) and :meth:`reply` (server to client) return ``False`` to hold a chunk back,
@@ -319,14 +322,16 @@ class TcpProxy:
     each reply once it passed. :meth:`cut` closes every connection and refuses new ones,
     as a server that went away, until :meth:`restore`::
 
-        with TcpProxy(redis_server.port) as proxy:
-            client = redis.Redis(port=proxy.port)
+        with TcpProxy(redis_server.url) as proxy:
+            client = redis.Redis.from_url(proxy.url)
             proxy.cut()  # the client's next command fails with a connection error
     """
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+    def __init__(self, upstream: str) -> None:
+        parts = urllib.parse.urlsplit(upstream)
+        self.upstream_port = parts.port
         self.port = free_port()
+        self.url = parts._replace(netloc=f"{parts.netloc.rpartition(':')[0]}:{self.port}").geturl()
         self.refusing = False
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._connections: list[socket.socket] = []
@@ -391,8 +396,8 @@ class TcpProxy:
     def _pipe(
         source: socket.socket,
         target: socket.socket,
-        passes: Any,
-        passed: Any,
+        passes: Callable[[bytes], bool],
+        passed: Callable[[bytes], None] | None,
     ) -> None:
         with contextlib.suppress(OSError):
             while (data := source.recv(65536)) and passes(data):

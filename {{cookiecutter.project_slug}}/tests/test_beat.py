@@ -22,14 +22,9 @@ class ReplyWithholdingProxy(TcpProxy):
     ``LPUSH`` (Celery's publish on Redis): the client then waits for its reply, as it
     would on a stalled network. ``withholding`` is set from that moment."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream: str) -> None:
         self.withholding = threading.Event()
-        super().__init__(upstream_port)
-
-    @property
-    def url(self) -> str:
-        """A Redis URL that reaches Redis through the proxy."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(upstream)
 
     def request(self, data: bytes) -> bool:
         """Pass every request; note the first ``LPUSH``."""
@@ -64,7 +59,7 @@ class BeatProcess(ProjectProcess):
 @pytest.fixture
 def redis_proxy(tmp_path):
     with RedisServer(tmp_path) as redis_server:
-        proxy = ReplyWithholdingProxy(redis_server.port)
+        proxy = ReplyWithholdingProxy(redis_server.url)
         yield proxy
         proxy.close()
 

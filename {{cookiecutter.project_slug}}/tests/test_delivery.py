@@ -258,6 +258,11 @@ def private_redis(tmp_path):
         yield server
 
 
+def redis_env(url: str) -> dict[str, str]:
+    """A worker's environment for the Redis at ``url`` as broker, backend and notices."""
+    return {"REDIS_URL": url, "CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}
+
+
 def private_app(url: str) -> Celery:
     """A client of the private Redis with the same broker options as the worker."""
     app = Celery(broker=url, backend=url, set_as_current=False)
@@ -271,13 +276,8 @@ def test_cancel_sent_while_redis_is_down_is_honoured_at_once(
     # Celery lets these variables override the URLs an app is given: drop them for our clients.
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
-    urls = {
-        "REDIS_URL": private_redis.url,
-        "CELERY_BROKER_URL": private_redis.url,
-        "CELERY_RESULT_BACKEND": private_redis.url,
-    }
     app = private_app(private_redis.url)
-    with make_worker(concurrency=1, env=urls, app=app) as private_worker:
+    with make_worker(concurrency=1, env=redis_env(private_redis.url), app=app) as private_worker:
         result = app.send_task(
             "tests.tasks.count_with_checkpoints",
             kwargs={"steps": 3000},
@@ -304,15 +304,10 @@ class GoneAfterHandingOver(TcpProxy):
     unacknowledged: every connection is cut at the worker's next command (``gone``), and
     refused until :meth:`restore`."""
 
-    def __init__(self, upstream_port: int, task_id: str) -> None:
+    def __init__(self, upstream: str, task_id: str) -> None:
         self.marker = task_id.encode()
         self.handed_over, self.gone = threading.Event(), threading.Event()
-        super().__init__(upstream_port)
-
-    @property
-    def url(self) -> str:
-        """A Redis URL that reaches Redis through the proxy."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(upstream)
 
     def replied(self, data: bytes) -> None:
         """Note when the task's message reached the worker."""
@@ -334,19 +329,19 @@ def test_a_task_redis_hands_over_as_it_goes_away_still_runs(
     monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
     task_id = str(uuid.uuid4())
     app = private_app(private_redis.url)  # the test itself reaches Redis directly
-    with GoneAfterHandingOver(private_redis.port, task_id) as proxy:
-        urls = {"REDIS_URL": proxy.url, "CELERY_BROKER_URL": proxy.url}
-        urls["CELERY_RESULT_BACKEND"] = proxy.url
-        with make_worker(concurrency=1, env=urls, app=app) as private_worker:
-            result = app.send_task(
-                "tests.tasks.echo", args=("handed over",), queue=private_worker.queue,
-                task_id=task_id,
-            )  # fmt: skip
-            assert proxy.gone.wait(15), "the worker never took the task's message"
-            time.sleep(3)  # Redis is away
-            proxy.restore()
-            try:
-                answer = result.get(timeout=30)
-            except ResultTimeout:
-                pytest.fail("the task Redis handed over as it went away never ran: lost")
+    with (
+        GoneAfterHandingOver(private_redis.url, task_id) as proxy,
+        make_worker(concurrency=1, env=redis_env(proxy.url), app=app) as private_worker,
+    ):
+        result = app.send_task(
+            "tests.tasks.echo", args=("handed over",), queue=private_worker.queue,
+            task_id=task_id,
+        )  # fmt: skip
+        assert proxy.gone.wait(15), "the worker never took the task's message"
+        time.sleep(3)  # Redis is away
+        proxy.restore()
+        try:
+            answer = result.get(timeout=30)
+        except ResultTimeout:
+            pytest.fail("the task Redis handed over as it went away never ran: lost")
     assert answer == "handed over", f"the task returned {answer!r}"
